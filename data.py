@@ -1,0 +1,865 @@
+"""NIfTI datasets, splits, 2D preprocessing and its exact inverse, and a synthetic cardiac phantom.
+
+Imports only NumPy, nibabel and the standard library, so the file can be copied on its own.
+
+Layouts (``detect_layout`` tries them in this order; ``layout=`` forces one):
+
+- ``acdc``: ``patientXXX/patientXXX_frameYY.nii.gz`` + ``..._gt.nii.gz`` + ``Info.cfg``, in the folder itself or
+  in its ``training/`` and ``testing/`` subfolders. ED/ES frame numbers come from Info.cfg (patient090's ED is
+  frame04); ``_4d`` files are never read. Classes 0 background, 1 RV, 2 MYO, 3 LV. A frame without ``_gt`` is an
+  unlabeled volume (the original testing release has none).
+- ``mmwhs``: ``mr_train_XXXX_image.nii.gz`` + ``mr_train_XXXX_label.nii.gz`` in the folder or its ``mr_train/``
+  subfolder; a missing label file is an error. Raw values 205, 420, 500, 550, 600, 820, 850 become classes 1-7
+  (MYO, LA, LV, RA, RV, AA, PA) in ascending order.
+- ``own``: ``imagesTr/NAME.nii.gz`` + ``labelsTr/NAME.nii.gz`` (an nnU-Net image ``NAME_0000`` also matches
+  label ``NAME``; the id is then ``NAME``), optional unlabeled ``imagesUnlabeled/*.nii.gz``; ``.nii`` works too.
+  An image without label, or a label without image, is an error. Raw label values are the classes (0-255).
+
+Decisions (for the README's "Decisions and deviations"):
+
+- Label map ``"RAW:CLASS,..."`` (e.g. ``"1:3,3:1"`` swaps two classes), same meaning for every layout: a raw
+  value in the map becomes that class; any other raw value takes the layout's default (ACDC: 0-3 unchanged;
+  MMWHS: 0 and the seven values above; own: unchanged if an integer 0-255). A raw value with neither is an error
+  naming the file and the values. For ACDC and MMWHS a mapped class must be below the layout's class count.
+- ``frames``: ``ed`` (default) and ``es`` keep the patient id as volume id (``patient001``); ``both`` gives
+  ``patient001_ED`` and ``patient001_ES``. Splits are made over cases (``Volume.case`` = patient id), so the two
+  frames of a patient always share a split and a labeled/unlabeled status. Other layouts ignore ``frames``.
+- Images are read as float32 with trailing length-1 axes beyond the third dropped and 2D images taken as one slice.
+  Errors: zero-size, 4D, all voxels non-finite, and constant images (nothing to segment; also percentile scaling
+  would be undefined). NaN/Inf voxels are replaced by the volume's minimum finite value with a ``DataWarning``
+  naming the file (the CLI prints it as one ``warning:`` line on stderr).
+- Image and label must have equal shapes and affines equal within 1e-3 (absolute, per element).
+- Spacing is the header's zooms (pixdim), in array axis order; ACDC's sform has unit scale, its pixdim is right.
+- Rounding is round-half-up, exact on the decimal percentage: ``labeled_count(p, n) = max(1, floor(p*n/100 + 1/2))``
+  (ACDC 78 train: 1.25% -> 1, 2.5% -> 2, 10% -> 8, 100% -> 78; MMWHS 8 train: 10/20/40/100% -> 1/2/3/8).
+- Labeled subset: the labeled training cases sorted by id, permuted by ``numpy.random.default_rng(seed)``, the
+  first ``labeled_count`` taken; so for one seed a smaller percentage gives a subset of a larger one.
+- ACDC split: test = Chaitanya et al.'s 20 patients (007-010, 027-030, 047-050, 067-070, 087-090), val = 011 and
+  071, train = every other patient found (78 for the standard 001-100; extra testing/ patients join train).
+- MMWHS split, by sorted id: the last round(n/2) cases are test, the round(n/10) before them val, the rest train
+  (20 volumes 1001-1020: train 1001-1008, val 1009-1010, test 1011-1020).
+- Own split: the labeled cases sorted by id are permuted by ``default_rng(split_seed)`` (default 0, independent of
+  the run seed so every run shares one test set); the first round(0.2 n) are test, the next round(0.1 n) val, the
+  rest train. Unlabeled images always go to train (unlabeled). Every split keeps at least one training case.
+- ``stack_slices`` returns labels only when every volume is labeled (else None).
+- Preprocessing and its inverse are one separable resampling per slice with the exact centre-aligned mapping in
+  ``grid``; samples outside the native image are 0 (image) and background (label). The forward label path is
+  nearest neighbour (as Chaitanya et al.); the inverse is bilinear on one-hot/probability maps, then argmax.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import warnings
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+LAYOUTS = ("acdc", "mmwhs", "own")
+CLASS_NAMES = {"acdc": ("background", "RV", "MYO", "LV"),
+               "mmwhs": ("background", "MYO", "LA", "LV", "RA", "RV", "AA", "PA")}
+MMWHS_VALUES = (205, 420, 500, 550, 600, 820, 850)
+ACDC_TEST = tuple(f"patient{i:03d}" for first in (7, 27, 47, 67, 87) for i in range(first, first + 4))
+ACDC_VAL = ("patient011", "patient071")
+ACDC_GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")  # ACDC order: 001-020 DCM, ..., 081-100 RV
+SPLIT_KEYS = ("layout", "seed", "labeled_percent", "train", "val", "test", "labeled", "unlabeled")
+AFFINE_TOL = 1e-3
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the path and the problem on one line."""
+
+
+class DataWarning(UserWarning):
+    """Recoverable data problem (NaN/Inf voxels replaced)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Volume:
+    """One 3D image (slices along the last axis) with its optional label and native geometry.
+
+    image: float32 (X, Y, Z); label: uint8 class indices (X, Y, Z) or None; spacing: header zooms in mm in array
+    axis order; case: the id that splits group by (ACDC patient id; defaults to id).
+    """
+    id: str
+    image: np.ndarray = dataclasses.field(repr=False)
+    label: np.ndarray | None = dataclasses.field(repr=False)
+    affine: np.ndarray = dataclasses.field(repr=False)
+    header: nib.Nifti1Header = dataclasses.field(repr=False)
+    spacing: tuple[float, float, float]
+    path: str
+    frame: str = ""
+    group: str = ""
+    case: str = ""
+
+    def __post_init__(self):
+        self.case = self.case or self.id
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def parse_label_map(text: str | None) -> dict[int, int] | None:
+    """``"1:3,3:1"`` -> ``{1: 3, 3: 1}`` (raw value -> class 0-255); None or blank -> None."""
+    if text is None or not text.strip():
+        return None
+    mapping = {}
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(-?\d+)\s*:\s*(\d+)\s*", item)
+        if match is None:
+            raise DataError(f"label map {text!r}: {item.strip()!r} is not RAW:CLASS with integers")
+        raw, cls = int(match[1]), int(match[2])
+        if raw in mapping or cls > 255:
+            raise DataError(f"label map {text!r}: raw value {raw} given twice or class {cls} > 255")
+        mapping[raw] = cls
+    return mapping
+
+
+def _label_table(layout: str, label_map: dict[int, int] | None) -> dict[int, int]:
+    """Raw value -> class of the layout, overridden by label_map (own: identity is added in ``_to_classes``)."""
+    default = {"acdc": {v: v for v in range(4)},
+               "mmwhs": {0: 0, **{v: c for c, v in enumerate(MMWHS_VALUES, 1)}},
+               "own": {}}[layout]
+    return {**default, **(label_map or {})}
+
+
+def _to_classes(raw: np.ndarray, table: dict[int, int], identity: bool, path) -> np.ndarray:
+    """Integer-valued raw labels -> uint8 classes by ``table`` (and identity on 0-255 if ``identity``)."""
+    values, inverse = np.unique(raw, return_inverse=True)
+    classes = [table.get(v, int(v) if identity and float(v).is_integer() and 0 <= v <= 255 else None)
+               for v in values.tolist()]
+    unknown = [f"{v:g}" for v, c in zip(values.tolist(), classes) if c is None]
+    if unknown:
+        expected = "integers 0-255" if identity else ", ".join(map(str, sorted(table)))
+        raise DataError(f"{path}: label values {', '.join(unknown[:10])} outside the expected set ({expected}); "
+                        "pass a label map to remap them")
+    return np.asarray(classes, np.uint8)[inverse.reshape(raw.shape)]
+
+
+def _read_nifti(path, image: bool) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    """Read a 3D NIfTI -> (array (X, Y, Z), nibabel image); float32 if ``image`` else the stored dtype.
+
+    Trailing length-1 axes beyond the third are dropped; a 2D array becomes (X, Y, 1).
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        img = nib.load(path)
+        data = img.get_fdata(dtype=np.float32, caching="unchanged") if image else np.asarray(img.dataobj)
+    except READ_ERRORS as exc:
+        raise DataError(f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())})") from None
+    if 0 in img.shape:
+        raise DataError(f"{path}: empty volume of shape {img.shape}")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise DataError(f"{path}: {len(img.shape)}D image of shape {img.shape} where 3D is expected")
+    return data, img
+
+
+def _clean_image(data: np.ndarray, path) -> np.ndarray:
+    """Replace NaN/Inf by the minimum finite value (with a DataWarning); reject all-non-finite and constant images."""
+    bad = ~np.isfinite(data)
+    if bad.all():
+        raise DataError(f"{path}: no finite voxel")
+    if bad.any():
+        low = data[~bad].min()
+        data[bad] = low
+        warnings.warn(f"{path}: replaced {int(bad.sum())} NaN/Inf voxels by the volume's minimum finite value "
+                      f"{low:g}", DataWarning, stacklevel=2)
+    if data.min() == data.max():
+        raise DataError(f"{path}: constant image (every voxel is {data.min():g}), nothing to segment")
+    return data
+
+
+def _volume(image_path, label_path, table, identity, vid, **meta) -> Volume:
+    """Read one image (and its label if ``label_path``) into a Volume, checking shape and affine agreement."""
+    image, img = _read_nifti(image_path, image=True)
+    image = _clean_image(image, image_path)
+    label = None
+    if label_path is not None:
+        raw, limg = _read_nifti(label_path, image=False)
+        if raw.shape != image.shape:
+            raise DataError(f"{label_path}: label shape {raw.shape} differs from image shape {image.shape} "
+                            f"of {image_path}")
+        gap = float(np.abs(limg.affine - img.affine).max())
+        if gap > AFFINE_TOL:
+            raise DataError(f"{label_path}: label affine differs from the affine of {image_path} by {gap:.3g} "
+                            f"(tolerance {AFFINE_TOL:g})")
+        label = _to_classes(raw, table, identity, label_path)
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    spacing = tuple(zooms + [1.0] * (3 - len(zooms)))
+    return Volume(vid, image, label, np.asarray(img.affine, np.float64), img.header, spacing, str(image_path),
+                  **meta)
+
+
+def _acdc_patients(root: Path) -> list[Path]:
+    """``patientXXX`` folders in root, root/training and root/testing, sorted by name."""
+    bases = [b for b in (root, root / "training", root / "testing") if b.is_dir()]
+    return sorted((d for b in bases for d in b.iterdir() if d.is_dir() and re.fullmatch(r"patient\d+", d.name)),
+                  key=lambda d: d.name)
+
+
+def _mmwhs_images(root: Path) -> list[Path]:
+    """``mr_train_XXXX_image.nii.gz`` files in root and root/mr_train, sorted by name."""
+    bases = [b for b in (root, root / "mr_train") if b.is_dir()]
+    return sorted((p for b in bases for p in b.glob("mr_train_*_image.nii.gz")), key=lambda p: p.name)
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    """Visible ``.nii.gz``/``.nii`` files of folder (none if it is absent), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
+
+
+def _stem(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def _read_info(folder: Path) -> dict[str, str]:
+    """ACDC ``Info.cfg`` as {key: value} (``ED: 1`` lines)."""
+    path = folder / "Info.cfg"
+    if not path.is_file():
+        raise DataError(f"{path}: missing Info.cfg")
+    pairs = (line.split(":", 1) for line in path.read_text(errors="replace").splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _load_acdc(root: Path, frames: str, table, identity) -> list[Volume]:
+    """ACDC release layout: the Info.cfg ED and/or ES frame of every patient folder."""
+    patients = _acdc_patients(root)
+    if not patients:
+        raise DataError(f"{root}: no ACDC patientXXX folders (in it or in training/, testing/)")
+    phases = ("ED", "ES") if frames == "both" else (frames.upper(),)
+    volumes = []
+    for folder in patients:
+        info = _read_info(folder)
+        for phase in phases:
+            try:
+                number = int(float(info[phase]))
+            except (KeyError, ValueError):
+                raise DataError(f"{folder / 'Info.cfg'}: no valid '{phase}:' frame number") from None
+            stem = folder / f"{folder.name}_frame{number:02d}"
+            image, label = Path(f"{stem}.nii.gz"), Path(f"{stem}_gt.nii.gz")
+            if not image.is_file():
+                raise DataError(f"{image}: missing frame file (Info.cfg {phase}: {info[phase]})")
+            vid = f"{folder.name}_{phase}" if frames == "both" else folder.name
+            volumes.append(_volume(image, label if label.is_file() else None, table, identity, vid,
+                                   frame=phase, group=info.get("Group", ""), case=folder.name))
+    return volumes
+
+
+def _load_mmwhs(root: Path, table, identity) -> list[Volume]:
+    """MMWHS MR layout: every image with its ``_label`` file."""
+    images = _mmwhs_images(root)
+    if not images:
+        raise DataError(f"{root}: no MMWHS mr_train_XXXX_image.nii.gz files (in it or in mr_train/)")
+    return [_volume(p, p.with_name(p.name.replace("_image.nii.gz", "_label.nii.gz")), table, identity,
+                    p.name.removesuffix("_image.nii.gz")) for p in images]
+
+
+def _load_own(root: Path, table, identity) -> list[Volume]:
+    """imagesTr/ + labelsTr/ with matching names, plus unlabeled imagesUnlabeled/."""
+    images = _nifti_files(root / "imagesTr")
+    if not images:
+        raise DataError(f"{root / 'imagesTr'}: no .nii.gz images")
+    labels = {_stem(p): p for p in _nifti_files(root / "labelsTr")}
+    volumes = []
+    for path in images:
+        name = _stem(path)
+        name = name if name in labels else name.removesuffix("_0000")
+        if name not in labels:
+            raise DataError(f"{path}: no matching label {root / 'labelsTr' / (name + '.nii.gz')}")
+        volumes.append(_volume(path, labels.pop(name), table, identity, name))
+    if labels:
+        raise DataError(f"{next(iter(labels.values()))}: label without a matching image in imagesTr/")
+    return volumes + [_volume(p, None, table, identity, _stem(p)) for p in _nifti_files(root / "imagesUnlabeled")]
+
+
+def _folder(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
+    return root
+
+
+def detect_layout(root: str) -> str:
+    """``"acdc"``, ``"mmwhs"`` or ``"own"`` from the folder's contents; DataError if none matches."""
+    root = _folder(root)
+    if _acdc_patients(root):
+        return "acdc"
+    if _mmwhs_images(root):
+        return "mmwhs"
+    if (root / "imagesTr").is_dir():
+        return "own"
+    raise DataError(f"{root}: no recognised layout (expected acdc: patientXXX/ folders with Info.cfg; mmwhs: "
+                    "mr_train_XXXX_image.nii.gz + _label.nii.gz; own: imagesTr/ + labelsTr/)")
+
+
+def load_volumes(root, layout="auto", frames="ed", label_map=None) -> tuple[str, list[Volume]]:
+    """Read every volume of a dataset folder -> (layout, volumes in id order; ACDC "both": ED before ES).
+
+    layout: "auto" | "acdc" | "mmwhs" | "own"; frames: "ed" | "es" | "both" (ACDC only);
+    label_map: dict or ``"RAW:CLASS,..."`` text (see the module docstring).
+    """
+    root = _folder(root)
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout not in LAYOUTS or frames not in ("ed", "es", "both"):
+        raise DataError(f"{root}: unknown layout {layout!r} or frames {frames!r} "
+                        f"(layouts: {', '.join(LAYOUTS)}; frames: ed, es, both)")
+    if isinstance(label_map, str):
+        label_map = parse_label_map(label_map)
+    if layout in CLASS_NAMES and label_map and max(label_map.values()) >= len(CLASS_NAMES[layout]):
+        raise DataError(f"label map {label_map}: {layout} has classes 0-{len(CLASS_NAMES[layout]) - 1} only")
+    table, identity = _label_table(layout, label_map), layout == "own"
+    if layout == "acdc":
+        volumes = _load_acdc(root, frames, table, identity)
+    elif layout == "mmwhs":
+        volumes = _load_mmwhs(root, table, identity)
+    else:
+        volumes = _load_own(root, table, identity)
+    ids = [v.id for v in volumes]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DataError(f"{root}: volume ids found twice: {', '.join(duplicates)}")
+    return layout, volumes
+
+
+def num_classes(layout: str, volumes) -> int:
+    """Class count including background: fixed for ACDC (4) and MMWHS (8), 1 + the largest label (>= 2) for own."""
+    if layout in CLASS_NAMES:
+        return len(CLASS_NAMES[layout])
+    return max([2] + [int(v.label.max()) + 1 for v in volumes if v.label is not None])
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def _round_half_up(x: Fraction) -> int:
+    return math.floor(x + Fraction(1, 2))
+
+
+def labeled_count(labeled_percent: float, n_train: int) -> int:
+    """max(1, round-half-up(labeled_percent % of n_train)), exact on the decimal percentage."""
+    if not 0 < labeled_percent <= 100:
+        raise DataError(f"labeled percent {labeled_percent} is outside (0, 100]")
+    return max(1, _round_half_up(Fraction(str(labeled_percent)) * n_train / 100))
+
+
+def _sizes(n: int, test: Fraction, val: Fraction) -> tuple[int, int]:
+    """(n_test, n_val) = round-half-up fractions of n, cut so that at least one case is left for training."""
+    n_test = min(_round_half_up(test * n), n - 1)
+    return n_test, min(_round_half_up(val * n), n - 1 - n_test)
+
+
+def _partition(cases: dict[str, list[Volume]], layout: str, split_seed: int) -> tuple[list[str], list[str]]:
+    """(test cases, val cases) by the layout's rule (module docstring)."""
+    if layout == "acdc":
+        return [c for c in cases if c in ACDC_TEST], [c for c in cases if c in ACDC_VAL]
+    names = sorted(c for c, vols in cases.items() if all(v.label is not None for v in vols))
+    if not names:
+        raise DataError("no labeled volume to split")
+    if layout == "mmwhs":
+        n_test, n_val = _sizes(len(names), Fraction(1, 2), Fraction(1, 10))
+        return names[len(names) - n_test:], names[len(names) - n_test - n_val:len(names) - n_test]
+    n_test, n_val = _sizes(len(names), Fraction(1, 5), Fraction(1, 10))
+    order = [names[i] for i in np.random.default_rng(split_seed).permutation(len(names))]
+    return sorted(order[:n_test]), sorted(order[n_test:n_test + n_val])
+
+
+def make_split(volumes, layout: str, labeled_percent: float, seed: int, split_seed: int = 0) -> dict:
+    """Plain JSON-serialisable split: volume id lists train/val/test and labeled/unlabeled (train = their union).
+
+    Cases (``Volume.case``) never straddle two lists. split_seed only affects the own layout's test/val draw.
+    """
+    cases: dict[str, list[Volume]] = {}
+    for vol in sorted(volumes, key=lambda v: v.id):
+        cases.setdefault(vol.case, []).append(vol)
+    test, val = _partition(cases, layout, split_seed)
+    unlabeled_eval = [v.id for c in test + val for v in cases[c] if v.label is None]
+    if unlabeled_eval:
+        raise DataError(f"val/test volumes without labels: {', '.join(unlabeled_eval[:10])}")
+    train = [c for c in cases if c not in test and c not in val]
+    pool = [c for c in train if all(v.label is not None for v in cases[c])]
+    if not pool:
+        raise DataError("no labeled training volume")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    labeled = {pool[i] for i in order[:labeled_count(labeled_percent, len(pool))]}
+
+    def ids(names):
+        return sorted(v.id for c in names for v in cases[c])
+
+    return {"layout": layout, "seed": seed, "labeled_percent": labeled_percent, "split_seed": split_seed,
+            "train": ids(train), "val": ids(val), "test": ids(test),
+            "labeled": ids(c for c in train if c in labeled), "unlabeled": ids(c for c in train if c not in labeled)}
+
+
+def _check_split(split, where, volumes=None) -> None:
+    """DataError naming ``where`` unless split has every key, string id lists, disjoint train/val/test,
+    labeled + unlabeled = train (disjoint, labeled non-empty) and, if volumes are given, only their ids."""
+    if not isinstance(split, dict) or any(k not in split for k in SPLIT_KEYS):
+        missing = [k for k in SPLIT_KEYS if not isinstance(split, dict) or k not in split]
+        raise DataError(f"{where}: split misses keys {', '.join(missing)}")
+    lists = {k: split[k] for k in ("train", "val", "test", "labeled", "unlabeled")}
+    for key, ids in lists.items():
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(set(ids)) < len(ids):
+            raise DataError(f"{where}: split {key!r} is not a list of distinct id strings")
+    train, val, test = (set(lists[k]) for k in ("train", "val", "test"))
+    overlap = sorted((train & val) | (train & test) | (val & test))
+    if overlap:
+        raise DataError(f"{where}: ids in more than one of train/val/test: {', '.join(overlap[:10])}")
+    labeled, unlabeled = set(lists["labeled"]), set(lists["unlabeled"])
+    if not labeled or labeled & unlabeled or labeled | unlabeled != train:
+        raise DataError(f"{where}: labeled and unlabeled must split train in two (labeled non-empty)")
+    if volumes is not None:
+        known = {v.id: v for v in volumes}
+        unknown = sorted((train | val | test) - set(known))
+        if unknown:
+            raise DataError(f"{where}: ids not among the volumes: {', '.join(unknown[:10])}")
+        missing = sorted(i for i in labeled | val | test if known[i].label is None)
+        if missing:
+            raise DataError(f"{where}: labeled/val/test ids without labels: {', '.join(missing[:10])}")
+
+
+def save_split(split: dict, path) -> None:
+    """Validate and write split as JSON (temporary file + os.replace)."""
+    _check_split(split, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(split, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_split(path, volumes=None) -> dict:
+    """Read and validate a split JSON file (against ``volumes`` if given); DataError naming the file."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable split file ({' '.join(str(exc).split())})") from None
+    _check_split(split, path, volumes)
+    return split
+
+
+# ----------------------------------------------------------------------------------------- preprocessing
+
+
+def grid(n_out: int, n_in: int, step: float) -> np.ndarray:
+    """Centre-aligned sample positions (n_out,) in input index units: x_j = (j - (n_out-1)/2) * step + (n_in-1)/2.
+
+    Forward (native -> preprocessed): step = target spacing / native spacing; inverse: native / target.
+    """
+    return (np.arange(n_out) - (n_out - 1) / 2) * step + (n_in - 1) / 2
+
+
+def _linear(a: np.ndarray, axis: int, x: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``a`` along ``axis`` at positions x (n_out,); samples outside the array are 0."""
+    n = a.shape[axis]
+    i0 = np.floor(x).astype(np.int64)
+    w1 = (x - i0).astype(np.float32)
+    w0 = np.where((i0 >= 0) & (i0 < n), 1 - w1, 0).astype(np.float32)
+    w1 = np.where((i0 + 1 >= 0) & (i0 + 1 < n), w1, 0).astype(np.float32)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    return (np.take(a, np.clip(i0, 0, n - 1), axis) * w0.reshape(shape)
+            + np.take(a, np.clip(i0 + 1, 0, n - 1), axis) * w1.reshape(shape))
+
+
+def _nearest(a: np.ndarray, axis: int, x: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour sampling (ties round up) of ``a`` along ``axis`` at x (n_out,); outside the array -> 0."""
+    n = a.shape[axis]
+    i = np.floor(x + 0.5).astype(np.int64)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    inside = ((i >= 0) & (i < n)).reshape(shape)
+    return np.where(inside, np.take(a, np.clip(i, 0, n - 1), axis), 0).astype(a.dtype, copy=False)
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """Clip a volume to its 1st-99th percentile and scale to [0, 1] (float32, same shape); constant -> 0."""
+    lo, hi = np.percentile(image, (1, 99))
+    if hi <= lo:
+        return np.zeros(image.shape, np.float32)
+    return ((np.clip(image, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def preprocess(vol: Volume, spacing: float = 1.367, size: int = 192) -> tuple[np.ndarray, np.ndarray | None]:
+    """Volume -> (image (Z, size, size) float32 in [0, 1], label (Z, size, size) uint8 or None).
+
+    Per volume percentile normalisation, then per slice one separable resampling to ``spacing`` mm centred in a
+    ``size`` x ``size`` grid (bilinear image, nearest label; outside the native image 0 / background).
+    Axis 1 of the output runs along native axis 0, axis 2 along native axis 1 (no flips or transposes).
+    """
+    (nx, ny, _), (sx, sy, _) = vol.image.shape, vol.spacing
+    x, y = grid(size, nx, spacing / sx), grid(size, ny, spacing / sy)
+    image = _linear(_linear(normalise(vol.image), 0, x), 1, y)
+    label = None if vol.label is None else _nearest(_nearest(vol.label, 0, x), 1, y)
+    return (np.ascontiguousarray(image.transpose(2, 0, 1)),
+            None if label is None else np.ascontiguousarray(label.transpose(2, 0, 1)))
+
+
+def stack_slices(volumes, spacing: float = 1.367, size: int = 192):
+    """Preprocess volumes into contiguous slice arrays -> (images (N, size, size) float32,
+    labels (N, size, size) uint8 or None unless every volume is labeled, owner (N,) int64 volume index)."""
+    depths = [v.image.shape[2] for v in volumes]
+    images = np.empty((sum(depths), size, size), np.float32)
+    labels = np.empty(images.shape, np.uint8) if all(v.label is not None for v in volumes) else None
+    start = 0
+    for vol, depth in zip(volumes, depths):
+        image, label = preprocess(vol, spacing, size)
+        images[start:start + depth] = image
+        if labels is not None:
+            labels[start:start + depth] = label
+        start += depth
+    return images, labels, np.repeat(np.arange(len(volumes), dtype=np.int64), depths)
+
+
+def to_native(probs_or_labels, vol: Volume, spacing: float = 1.367, size: int = 192) -> np.ndarray:
+    """Per-slice class probabilities (Z, C, size, size), or labels (Z, size, size) taken one-hot, on the
+    preprocessed grid -> uint8 labels (X, Y, Z) on the native grid of ``vol``.
+
+    Each class map is sampled bilinearly at native pixel x -> j = (x - (n-1)/2) * s / t + (size-1)/2 (outside the
+    crop: background 1, other classes 0), then argmax over classes (ties -> lowest class).
+    """
+    a = np.asarray(probs_or_labels)
+    (nx, ny, nz), (sx, sy, _) = vol.image.shape, vol.spacing
+    shape_ok = a.ndim in (3, 4) and (a.shape[0], *a.shape[-2:]) == (nz, size, size)
+    if not shape_ok or (a.ndim == 3 and a.dtype.kind not in "iub"):
+        raise DataError(f"{vol.path}: to_native expects ({nz}, C, {size}, {size}) probabilities or ({nz}, {size}, "
+                        f"{size}) integer labels, got {a.shape} {a.dtype}")
+    n_classes = a.shape[1] if a.ndim == 4 else int(a.max()) + 1
+    x, y = grid(nx, size, sx / spacing), grid(ny, size, sy / spacing)
+    best = np.full((nz, nx, ny), -np.inf, np.float32)
+    labels = np.zeros((nz, nx, ny), np.uint8)
+    for c in range(n_classes):
+        fill = 1.0 if c == 0 else 0.0
+        p = (a[:, c] if a.ndim == 4 else a == c).astype(np.float32)
+        p = _linear(_linear(p - fill, 1, x), 2, y) + fill
+        labels[p > best] = c
+        np.maximum(best, p, out=best)
+    return np.ascontiguousarray(labels.transpose(1, 2, 0))
+
+
+def save_label_nifti(labels: np.ndarray, vol: Volume, path) -> None:
+    """Write uint8 labels (X, Y, Z) with the native affine and a copy of the native header."""
+    labels = np.asarray(labels)
+    if labels.shape != vol.image.shape:
+        raise DataError(f"{path}: labels of shape {labels.shape} for a volume of shape {vol.image.shape}")
+    header = vol.header.copy()
+    header.set_data_dtype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(labels.astype(np.uint8), vol.affine, header)
+    img.header.set_slope_inter(None, None)
+    nib.save(img, str(path))
+
+
+# ------------------------------------------------------------------------------------------------ phantom
+
+RV_WALL, FAT_WIDTH = 3.0, 3.0  # mm: septal gap between LV epicardium and RV cavity; epicardial fat band
+
+
+def _dome(u: np.ndarray) -> np.ndarray:
+    """Half-ellipsoid radius profile: 0 at u = 0 (apex), 1 at u = 1 (base), 0 outside [0, 1]."""
+    return np.where((u >= 0) & (u <= 1), np.sqrt(np.clip(u * (2 - u), 0, 1)), 0.0).astype(np.float32)
+
+
+def _soft(s, eps):
+    """Partial-volume inside fraction of a signed distance s (mm, negative inside) for edge width eps (mm)."""
+    return 0.5 - 0.5 * np.tanh(s / (2 * eps))
+
+
+def _mix(a, value, weight):
+    return a + (value - a) * weight
+
+
+def _angle(a: np.ndarray) -> np.ndarray:
+    """Angle wrapped to [-pi, pi)."""
+    return (a + np.pi) % (2 * np.pi) - np.pi
+
+
+def _smooth_noise(rng, shape, cells: int) -> np.ndarray:
+    """Smooth random field (X, Y, Z) float32: a cells x cells unit Gaussian grid per slice, bilinearly upsampled."""
+    coarse = rng.standard_normal((cells, cells, shape[2]), dtype=np.float32)
+    return _linear(_linear(coarse, 0, np.linspace(0, cells - 1, shape[0])), 1, np.linspace(0, cells - 1, shape[1]))
+
+
+def _phantom_case(rng, group: str) -> dict:
+    """Anatomy, contrast and acquisition of one phantom patient (scalars in mm, radians, relative intensities)."""
+    s, dz, fov = rng.uniform(1.2, 2.0), rng.uniform(5.0, 10.0), rng.uniform(240, 320)
+    scale = {"DCM": 1.3, "HCM": 0.85}.get(group, 1.0) * rng.uniform(0.85, 1.15)
+    length, apex = rng.uniform(70, 95) * min(scale, 1.1), rng.uniform(0, 12)
+    contraction = {"NOR": (0.6, 0.7), "RV": (0.6, 0.72), "HCM": (0.45, 0.6), "MINF": (0.78, 0.9), "DCM": (0.85, 0.95)}
+    myo = rng.uniform(0.2, 0.35)
+    return dict(
+        spacing=(s, s, dz), shape=(int(fov / s), int(fov * rng.uniform(0.85, 1.0) / s),
+                                   int(np.ceil((apex + length + rng.uniform(0, 15)) / dz)) + 1),
+        centre=(fov / 2 + rng.uniform(-25, 25, 2)).astype(np.float32), tilt=rng.uniform(-0.25, 0.25, 2),
+        theta=rng.uniform(1.4, 3.4), r=24 * scale, length=length, apex=apex,  # theta: direction of the RV
+        wall=rng.uniform(7, 10) * {"HCM": 1.6, "DCM": 0.8}.get(group, 1.0),
+        k_es=rng.uniform(*contraction[group]), shorten=rng.uniform(0.04, 0.14),
+        rv=rng.uniform(0.85, 1.15) * (1.4 if group == "RV" else 1.0),
+        k_rv=rng.uniform(0.85, 0.95) if group == "RV" else rng.uniform(0.6, 0.8),
+        infarct=rng.uniform(3, 6) if group == "MINF" else 0.0, phi_inf=rng.uniform(-np.pi, np.pi),
+        harmonics=rng.uniform(0, [0.08, 0.04]), phases=rng.uniform(-np.pi, np.pi, 2), eps=rng.uniform(0.6, 1.3),
+        blood=rng.uniform(0.85, 1.0), rv_blood=rng.uniform(0.75, 1.0), myo=myo,
+        fat=rng.uniform(0.6, 0.8), phi_fat=rng.uniform(-np.pi, np.pi),
+        tissue=myo + rng.uniform(-0.03, 0.12) if rng.random() < 0.5 else rng.uniform(0.4, 0.6),
+        lung=rng.uniform(0.03, 0.1), lung_size=rng.uniform(30, 45), aorta=rng.uniform(8, 14),
+        gamma=rng.uniform(0.8, 1.25), bias=rng.uniform(-0.35, 0.35, 4), sigma=rng.uniform(0.02, 0.06),
+        gain=rng.uniform(200, 1500))
+
+
+def _phase(case: dict, phase: str) -> dict:
+    """Cavity radius, epicardial radius, LV length, RV scale, papillary (position, size) of ED or ES.
+
+    ES: cavity contracted, wall area kept by thickening, long axis shortened from the base.
+    """
+    r, epi = case["r"], case["r"] + case["wall"]
+    if phase == "ED":
+        return dict(r=r, epi=epi, length=case["length"], rv=case["rv"], pap=(0.62, 0.17))
+    length, r_es = case["length"] * (1 - case["shorten"]), r * case["k_es"]
+    return dict(r=r_es, epi=np.sqrt(r_es ** 2 + (epi ** 2 - r ** 2) * case["length"] / length), length=length,
+                rv=case["rv"] * case["k_rv"], pap=(0.68, 0.25))
+
+
+def _radii(case: dict, ph: dict, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Endocardial and epicardial radius (Z,) in mm at heights z (mm) of the slices; 0 above the base."""
+    h, wall = z - case["apex"], ph["epi"] - ph["r"]
+    endo = ph["r"] * _dome(h / ph["length"])
+    epi = np.where(h <= ph["length"], ph["epi"] * _dome((h + wall) / (ph["length"] + wall)), 0)
+    return endo, np.where(endo > 0, np.maximum(epi, endo + 0.6 * wall), epi).astype(np.float32)
+
+
+def _slices(case: dict, ph: dict) -> dict:
+    """Per-slice geometry: radii (Z,), edge width (Z,) (blur + through-plane partial volume), centre (2, Z),
+    height h (Z,) relative to the LV length (0 apex, 1 base)."""
+    z = np.arange(case["shape"][2], dtype=np.float32) * case["spacing"][2]
+    endo, epi = _radii(case, ph, z)
+    (endo_up, epi_up), (endo_dn, epi_dn) = (_radii(case, ph, z + sign * case["spacing"][2] / 2) for sign in (1, -1))
+    eps = case["eps"] + np.minimum(0.2 * np.maximum(np.abs(endo_up - endo_dn), np.abs(epi_up - epi_dn)), 3.0)
+    centre = case["centre"][:, None] + (case["tilt"][:, None] * (z - z.mean())).astype(np.float32)
+    return dict(endo=endo, epi=epi, eps=eps.astype(np.float32), centre=centre, h=(z - case["apex"]) / ph["length"])
+
+
+def _papillary(ph: dict, sl: dict, theta: float, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Signed distance (X, Y, Z) in mm to two papillary muscles inside the LV cavity, opposite the RV (theta),
+    in the mid-ventricular slices (0.25 < h < 0.8); dx, dy: offsets from the LV centre in mm."""
+    at, size = ph["pap"][0] * sl["endo"], ph["pap"][1] * sl["endo"]
+    absent = np.where((sl["h"] > 0.25) & (sl["h"] < 0.8), 0, np.inf).astype(np.float32)
+    return np.minimum(*(np.hypot(dx - at * np.cos(a), dy - at * np.sin(a)) - size + absent
+                        for a in theta + np.pi + np.array([-0.75, 0.75])))
+
+
+def _rv(case: dict, ph: dict, sl: dict, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (X, Y, Z) in mm to the RV ellipse: centred beside the LV in direction theta,
+    wide across it, shrinking towards the apex (none below h = 0.15)."""
+    extent = (ph["rv"] * case["r"] + case["wall"]) * _dome((sl["h"] - 0.15) / 0.9) + 1e-3
+    cos, sin = np.cos(case["theta"]), np.sin(case["theta"])
+    along = dx * cos + dy * sin - 0.85 * (case["r"] + case["wall"])
+    across = -dx * sin + dy * cos
+    return (np.hypot(along / (0.75 * extent), across / (1.5 * extent)) - 1) * 0.75 * extent
+
+
+def _heart(case: dict, ph: dict, sl: dict, x: np.ndarray, y: np.ndarray) -> dict:
+    """Signed distances (X, Y, Z) in mm, negative inside: LV cavity, epicardium, papillary muscles, RV ellipse,
+    atrium (slices above the base); plus the angle map. x (X, 1, 1), y (1, Y, 1) in mm."""
+    dx, dy = x - sl["centre"][0], y - sl["centre"][1]
+    d, phi = np.hypot(dx, dy), np.arctan2(dy, dx)
+    shape = 1 + sum(a * np.cos(k * (phi - p)) for k, a, p in zip((2, 3), case["harmonics"], case["phases"]))
+    thin = case["infarct"] * np.exp(-(_angle(phi - case["phi_inf"]) / 0.5) ** 2) * (sl["endo"] > 0)
+    return dict(endo=d - (sl["endo"] * shape + thin), epi=d - sl["epi"] * shape, phi=phi,
+                pap=_papillary(ph, sl, case["theta"], dx, dy), rv=_rv(case, ph, sl, dx, dy),
+                atrium=np.where(sl["h"] > 1, d - 0.8 * ph["r"], np.inf))
+
+
+def _tissue(case: dict, rng) -> np.ndarray:
+    """Static surroundings (X, Y, Z) float32: textured body ellipse, two dark lungs and a bright descending aorta
+    beside the heart, air outside."""
+    (nx, ny, nz), s = case["shape"], case["spacing"][0]
+    x, y = np.arange(nx, dtype=np.float32)[:, None, None] * s, np.arange(ny, dtype=np.float32)[None, :, None] * s
+    width, height = nx * s, ny * s
+    body = _soft(np.hypot((x - width / 2) / (0.46 * width), (y - height / 2) / (0.4 * height)) - 1, 0.03)
+    texture = 0.3 * _smooth_noise(rng, case["shape"], 6) + 0.15 * _smooth_noise(rng, case["shape"], 24)
+    image = case["tissue"] * body * (1 + texture)
+    epi, lung = case["r"] + case["wall"], case["lung_size"]
+    blobs = ((case["theta"] - 1.9, 12 + lung, lung, case["lung"]), (case["theta"] + 1.9, 12 + lung, lung, case["lung"]),
+             (case["theta"] + np.pi, 15 + case["aorta"], case["aorta"], case["blood"]))  # lungs, descending aorta
+    for angle, reach, radius, value in blobs:
+        cx, cy = case["centre"] + (epi + reach) * np.array([np.cos(angle), np.sin(angle)])
+        image = _mix(image, value, _soft(np.hypot(x - cx, y - cy) - radius, 1.5))
+    return image.astype(np.float32)
+
+
+def _render(case: dict, phase: str, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clean image (X, Y, Z) float32 and ACDC labels (X, Y, Z) uint8 of one phase; papillary muscles are LV."""
+    ph, s = _phase(case, phase), case["spacing"][0]
+    sl = _slices(case, ph)
+    x = np.arange(case["shape"][0], dtype=np.float32)[:, None, None] * s
+    f = _heart(case, ph, sl, x, np.arange(case["shape"][1], dtype=np.float32)[None, :, None] * s)
+    label = np.zeros(tissue.shape, np.uint8)
+    label[(f["rv"] < 0) & (f["epi"] >= RV_WALL)] = 1
+    label[f["epi"] < 0] = 2
+    label[f["endo"] < 0] = 3
+    eps = sl["eps"]
+    m_epi = _soft(f["epi"], eps)
+    fat = _soft(f["epi"] - FAT_WIDTH, eps) * (1 - m_epi) * np.exp(-(_angle(f["phi"] - case["phi_fat"]) / 0.8) ** 2)
+    image = _mix(tissue, case["fat"], fat)
+    image = _mix(image, case["myo"], np.maximum(m_epi, _soft(f["rv"] - RV_WALL, eps)))
+    image = _mix(image, case["rv_blood"], _soft(f["rv"], eps) * _soft(RV_WALL - f["epi"], eps))
+    image = _mix(image, case["blood"], _soft(f["endo"], eps) * (1 - _soft(f["pap"], eps)))
+    return _mix(image, case["blood"], _soft(f["atrium"], eps)).astype(np.float32), label
+
+
+def _acquire(case: dict, clean: np.ndarray, rng) -> np.ndarray:
+    """Scanner model on a clean image (X, Y, Z): gamma, smooth bias field, Rician noise, gain -> int16."""
+    u, v, w = (np.linspace(-1, 1, n, dtype=np.float32) for n in clean.shape)
+    b = case["bias"]
+    bias = np.exp(b[0] * u[:, None, None] + b[1] * v[None, :, None] + b[2] * u[:, None, None] * v[None, :, None]
+                  + b[3] * w)
+    signal = np.clip(clean, 0, None) ** case["gamma"] * bias
+    noise = rng.standard_normal((2, *clean.shape), dtype=np.float32) * case["sigma"]
+    return np.clip(np.rint(np.hypot(signal + noise[0], noise[1]) * case["gain"]), 0, 32767).astype(np.int16)
+
+
+def _save_nifti(data: np.ndarray, spacing, path) -> None:
+    img = nib.Nifti1Image(data, np.diag([*spacing, 1.0]))
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+
+
+def _write_patient(folder: Path, rng, group: str) -> None:
+    """One phantom patient in the ACDC layout: ED and ES frames with _gt and an Info.cfg."""
+    case = _phantom_case(rng, group)
+    tissue = _tissue(case, rng)
+    frames = int(rng.integers(12, 31))
+    ed = 1 if rng.random() < 0.9 else int(rng.integers(2, 5))
+    es = ed + round(rng.uniform(0.3, 0.45) * frames)
+    folder.mkdir(parents=True, exist_ok=True)
+    for phase, number in (("ED", ed), ("ES", es)):
+        clean, label = _render(case, phase, tissue)
+        stem = folder / f"{folder.name}_frame{number:02d}"
+        _save_nifti(_acquire(case, clean, rng), case["spacing"], f"{stem}.nii.gz")
+        _save_nifti(label, case["spacing"], f"{stem}_gt.nii.gz")
+    (folder / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: {group}\nHeight: {rng.uniform(150, 195):.1f}\n"
+                                     f"NbFrame: {frames}\nWeight: {rng.uniform(50, 110):.1f}\n")
+
+
+def write_phantom(out, n: int = 100, seed: int = 0) -> None:
+    """Write ``n`` synthetic short-axis patients ``patient001``... in the ACDC layout under ``out``.
+
+    Patient i uses ``default_rng([seed, i])`` (the same patient for any n) and ACDC's group order
+    (001-020 DCM, 021-040 HCM, 041-060 MINF, 061-080 NOR, 081-100 RV, then repeating).
+    """
+    out = Path(out)
+    if n < 1 or seed < 0:
+        raise DataError(f"{out}: need n >= 1 and seed >= 0, got n={n}, seed={seed}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    for i in range(1, n + 1):
+        _write_patient(out / f"patient{i:03d}", np.random.default_rng([seed, i]), ACDC_GROUPS[(i - 1) // 20 % 5])
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _range(values) -> str:
+    return f"{min(values):.3g}-{max(values):.3g}"
+
+
+def _problems(layout: str, volumes, split: dict, presence: dict[str, np.ndarray], n_classes: int) -> list[str]:
+    """Human-readable issues of a dataset and its split (empty list if none); presence: id -> (256,) bool of the
+    class values found in each labeled volume."""
+    problems = []
+    cases = {v.case for v in volumes}
+    standard = {f"patient{i:03d}" for i in range(1, 101)}
+    if layout == "acdc" and cases != standard:
+        problems.append(f"ACDC split expects patient001-patient100: {len(standard - cases)} missing, "
+                        f"{len(cases - standard)} extra (extra patients join train)")
+    problems += [f"{key} set is empty" for key in ("val", "test") if not split[key]]
+    lacking = [vid for vid, present in presence.items() if not present[:n_classes].all()]
+    if lacking:
+        problems.append(f"{len(lacking)} labeled volumes lack a class: {', '.join(lacking[:10])}")
+    return problems
+
+
+def describe(root, layout="auto", frames="ed", label_map=None, labeled_percent=10.0, seed=0) -> str:
+    """Multi-line summary of a dataset folder and the split ``make_split`` would make from it."""
+    layout, volumes = load_volumes(root, layout, frames, label_map)
+    split = make_split(volumes, layout, labeled_percent, seed)
+    n_classes = num_classes(layout, volumes)
+    names = CLASS_NAMES.get(layout, tuple(map(str, range(n_classes))))
+    presence = {v.id: np.bincount(v.label.ravel(), minlength=256) > 0 for v in volumes if v.label is not None}
+    present = np.flatnonzero(np.any(list(presence.values()), axis=0)) if presence else []
+    groups = {g: sum(v.group == g for v in volumes) for g in sorted({v.group for v in volumes} - {""})}
+    n_labeled = sum(v.label is not None for v in volumes)
+    lines = [
+        f"folder:   {root}",
+        f"layout:   {layout}" + (f" (frames: {frames})" if layout == "acdc" else ""),
+        f"volumes:  {len(volumes)} (labeled {n_labeled}, unlabeled {len(volumes) - n_labeled})",
+        f"classes:  {n_classes}: {', '.join(f'{i} {n}' for i, n in enumerate(names))}; "
+        f"present in labels: {' '.join(map(str, present)) or '-'}",
+        "spacing:  " + " x ".join(_range([v.spacing[a] for v in volumes]) for a in range(3)) + " mm",
+        "shape:    " + " x ".join(_range([v.image.shape[a] for v in volumes]) for a in range(3)),
+        f"groups:   {', '.join(f'{g} {k}' for g, k in groups.items()) or '-'}",
+        f"split:    train {len(split['train'])} (labeled {len(split['labeled'])}, unlabeled "
+        f"{len(split['unlabeled'])}), val {len(split['val'])}, test {len(split['test'])} "
+        f"(labeled {labeled_percent:g}%, seed {seed})",
+        f"val ids:  {' '.join(split['val']) or '-'}",
+        f"test ids: {' '.join(split['test']) or '-'}",
+    ]
+    problems = _problems(layout, volumes, split, presence, n_classes)
+    return "\n".join(lines + [f"problems: {'; '.join(problems) or 'none'}"])
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    """CLI: ``synth --out DIR [--n --seed]`` and ``info DIR [--layout --frames --label-map --labeled --seed]``."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description="IDEAL datasets: synthetic phantom and dataset summary",
+                                     formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("synth", help="write the synthetic phantom in the ACDC layout", formatter_class=fmt)
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--n", type=int, default=100, help="number of patients")
+    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    info = sub.add_parser("info", help="describe a dataset folder and the split it would make", formatter_class=fmt)
+    info.add_argument("root", help="dataset folder")
+    info.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
+    info.add_argument("--frames", default="ed", choices=("ed", "es", "both"), help="ACDC frames")
+    info.add_argument("--label-map", default=None, help="raw label remapping RAW:CLASS,... e.g. 1:3,3:1")
+    info.add_argument("--labeled", type=float, default=10.0, help="labeled percent of the training cases")
+    info.add_argument("--seed", type=int, default=0, help="seed of the labeled subset")
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        warnings.showwarning = _show_warning
+        try:
+            if args.command == "synth":
+                write_phantom(args.out, args.n, args.seed)
+                print(f"wrote {args.n} phantom patients to {args.out}")
+            else:
+                print(describe(args.root, args.layout, args.frames, args.label_map, args.labeled, args.seed))
+        except (DataError, OSError) as exc:
+            print(f"error: {str(exc).replace(chr(10), ' ')}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
