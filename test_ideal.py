@@ -1,0 +1,1219 @@
+"""Tests of the IDEAL reference implementation (CPU, tiny sizes): data.py readers, splits, preprocessing, its
+inverse, the phantom and bad input; metrics.py against hand-computed cases, naive loops and medpy where installed;
+ideal.py losses against naive loops, exact view correspondence, Eq. 3 by hand, gradient flow, short training runs
+and the command lines on a tiny phantom. Tests that need ../shared/data skip with a reason when it is absent."""
+import gzip
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import ideal
+import metrics
+from data import DataError
+
+HERE = Path(__file__).resolve().parent
+ACDC = HERE.parent / "shared" / "data" / "ACDC-training"
+needs_acdc = pytest.mark.skipif(not ACDC.is_dir(), reason=f"real ACDC data not present at {ACDC}")
+
+
+def run_cli(script, *args, cwd=HERE):
+    """Run one of the project's scripts (data.py, metrics.py, ideal.py); returns (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+# ==========================================================================================================
+# data.py
+# ==========================================================================================================
+SHAPE = (8, 8, 3)
+ACDC_IDS = [f"patient{i:03d}" for i in range(1, 101)]
+CHAITANYA_TEST = ["patient007", "patient008", "patient009", "patient010", "patient027", "patient028", "patient029",
+                  "patient030", "patient047", "patient048", "patient049", "patient050", "patient067", "patient068",
+                  "patient069", "patient070", "patient087", "patient088", "patient089", "patient090"]
+
+
+def nii(path, array, spacing=(1.5, 1.5, 8.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+    return path
+
+
+def noise(shape=SHAPE, seed=0):
+    return np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
+
+
+def labels(shape=SHAPE):
+    lab = np.zeros(shape, np.uint8)
+    lab[2:6, 2:6], lab[3:5, 3:5], lab[0] = 2, 3, 1
+    return lab
+
+
+def acdc_patient(root, pid="patient001", ed=1, es=2, gt=True, group="NOR"):
+    folder = root / pid
+    for number in (ed, es):
+        nii(folder / f"{pid}_frame{number:02d}.nii.gz", noise())
+        if gt:
+            nii(folder / f"{pid}_frame{number:02d}_gt.nii.gz", labels())
+    (folder / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: {group}\nNbFrame: 20\n")
+    return folder
+
+
+def volume(image, label=None, spacing=(1.0, 1.0, 1.0), vid="v", case=""):
+    return data.Volume(vid, np.asarray(image, np.float32), label, np.diag([*spacing, 1.0]), nib.Nifti1Header(),
+                       spacing, f"{vid}.nii.gz", case=case)
+
+
+def fake(ids, labeled=True):
+    lab = np.zeros((2, 2, 1), np.uint8) if labeled else None
+    return [volume(np.zeros((2, 2, 1)), lab, vid=i, case=i.split("_ES")[0].split("_ED")[0]) for i in ids]
+
+
+def dice(a, b, c):
+    return 2 * np.sum((a == c) & (b == c)) / (np.sum(a == c) + np.sum(b == c))
+
+
+def test_acdc_reader_takes_frames_from_info_cfg_and_skips_4d(tmp_path):
+    acdc_patient(tmp_path, "patient001", ed=1, es=12, group="DCM")
+    acdc_patient(tmp_path, "patient090", ed=4, es=11, group="RV")
+    (tmp_path / "patient090" / "patient090_4d.nii.gz").write_bytes(b"never read")
+    layout, vols = data.load_volumes(tmp_path)
+    assert layout == "acdc" and [v.id for v in vols] == ["patient001", "patient090"]
+    p1, p90 = vols
+    assert p90.path.endswith("patient090_frame04.nii.gz") and (p90.frame, p90.group) == ("ED", "RV")
+    assert p1.image.dtype == np.float32 and p1.image.shape == SHAPE and p1.label.dtype == np.uint8
+    assert p1.spacing == (1.5, 1.5, 8.0) and p1.affine.dtype == np.float64 and p1.header.get_data_shape() == SHAPE
+    np.testing.assert_array_equal(p1.label, labels())
+    _, es = data.load_volumes(tmp_path, frames="es")
+    assert es[1].path.endswith("patient090_frame11.nii.gz") and es[1].id == "patient090" and es[1].frame == "ES"
+    _, both = data.load_volumes(tmp_path, frames="both")
+    assert [v.id for v in both] == ["patient001_ED", "patient001_ES", "patient090_ED", "patient090_ES"]
+    assert [v.case for v in both] == ["patient001", "patient001", "patient090", "patient090"]
+
+
+def test_acdc_reader_training_and_testing_subfolders(tmp_path):
+    acdc_patient(tmp_path / "training", "patient001")
+    acdc_patient(tmp_path / "testing", "patient101", gt=False)
+    layout, vols = data.load_volumes(tmp_path)
+    assert layout == "acdc" and [v.id for v in vols] == ["patient001", "patient101"]
+    assert vols[0].label is not None and vols[1].label is None
+
+
+def test_mmwhs_reader_maps_raw_values_and_rejects_others(tmp_path):
+    raw = np.zeros(SHAPE, np.int16)
+    for row, value in enumerate(data.MMWHS_VALUES, 1):
+        raw[row] = value
+    nii(tmp_path / "mr_train_1001_image.nii.gz", noise())
+    nii(tmp_path / "mr_train_1001_label.nii.gz", raw)
+    layout, vols = data.load_volumes(tmp_path)
+    assert layout == "mmwhs" and vols[0].id == "mr_train_1001" and data.num_classes(layout, vols) == 8
+    np.testing.assert_array_equal(vols[0].label[:, 0, 0], np.arange(8))
+    raw[7] = 421
+    label_path = nii(tmp_path / "mr_train_1001_label.nii.gz", raw)
+    with pytest.raises(DataError, match="421") as err:
+        data.load_volumes(tmp_path)
+    assert str(label_path) in str(err.value)
+    _, vols = data.load_volumes(tmp_path, label_map="421:7")
+    assert vols[0].label[7, 0, 0] == 7
+
+
+def test_own_reader_with_unlabeled_images(tmp_path):
+    lab = labels()
+    lab[0, 0] = 4
+    nii(tmp_path / "imagesTr" / "a.nii.gz", noise())
+    nii(tmp_path / "labelsTr" / "a.nii.gz", lab)
+    nii(tmp_path / "imagesTr" / "b_0000.nii.gz", noise(seed=1))
+    nii(tmp_path / "labelsTr" / "b.nii.gz", labels())
+    nii(tmp_path / "imagesUnlabeled" / "u.nii.gz", noise(seed=2))
+    layout, vols = data.load_volumes(tmp_path)
+    assert layout == "own" and [v.id for v in vols] == ["a", "b", "u"] and vols[2].label is None
+    assert data.num_classes(layout, vols) == 5
+
+
+def test_parse_label_map():
+    assert data.parse_label_map("1:3,3:1") == {1: 3, 3: 1}
+    assert data.parse_label_map(" 205 : 1 ") == {205: 1}
+    assert data.parse_label_map(None) is None and data.parse_label_map("") is None
+    for bad in ("1-3", "1:3,1:2", "a:b", "1:300"):
+        with pytest.raises(DataError, match="label map"):
+            data.parse_label_map(bad)
+
+
+def test_label_map_remaps_acdc_labels(tmp_path):
+    acdc_patient(tmp_path)
+    _, vols = data.load_volumes(tmp_path, label_map="1:3,3:1")
+    expected = labels()
+    expected[labels() == 1], expected[labels() == 3] = 3, 1
+    np.testing.assert_array_equal(vols[0].label, expected)
+    with pytest.raises(DataError, match="classes 0-3"):
+        data.load_volumes(tmp_path, label_map="1:4")
+
+
+def test_forced_layout(tmp_path):
+    acdc_patient(tmp_path)
+    assert data.load_volumes(tmp_path, layout="acdc")[0] == "acdc"
+    with pytest.raises(DataError, match="no MMWHS"):
+        data.load_volumes(tmp_path, layout="mmwhs")
+
+
+def test_acdc_split_uses_chaitanya_test_set():
+    split = data.make_split(fake(ACDC_IDS), "acdc", 10, seed=0)
+    assert split["test"] == CHAITANYA_TEST and split["val"] == ["patient011", "patient071"]
+    assert len(split["train"]) == 78 and not set(split["train"]) & set(CHAITANYA_TEST + split["val"])
+    assert sorted(split["labeled"] + split["unlabeled"]) == split["train"]
+    for percent, count in ((1.25, 1), (2.5, 2), (10, 8), (100, 78)):
+        assert len(data.make_split(fake(ACDC_IDS), "acdc", percent, seed=0)["labeled"]) == count
+    json.dumps(split)
+
+
+def test_labeled_count_rounds_half_up():
+    assert data.labeled_count(25, 10) == 3  # 2.5 -> 3 (Python's round gives 2)
+    assert [data.labeled_count(p, 8) for p in (10, 20, 40, 100)] == [1, 2, 3, 8]
+    assert data.labeled_count(0.1, 78) == 1
+    for bad in (0, 101):
+        with pytest.raises(DataError):
+            data.labeled_count(bad, 78)
+
+
+def test_split_seed_determinism_and_nesting():
+    vols = fake(ACDC_IDS)
+    a, b, c = (data.make_split(vols, "acdc", 10, seed) for seed in (0, 0, 1))
+    assert a == b and a["labeled"] != c["labeled"] and a["test"] == c["test"]
+    assert set(data.make_split(vols, "acdc", 2.5, 0)["labeled"]) <= set(a["labeled"])
+
+
+def test_split_keeps_both_frames_of_a_patient_together():
+    vols = fake([f"{p}_{f}" for p in ACDC_IDS for f in ("ED", "ES")])
+    split = data.make_split(vols, "acdc", 10, seed=0)
+    assert len(split["test"]) == 40 and "patient007_ES" in split["test"] and len(split["labeled"]) == 16
+    assert {i[:-3] for i in split["labeled"]} & {i[:-3] for i in split["unlabeled"]} == set()
+
+
+def test_mmwhs_split_by_sorted_id():
+    vols = fake([f"mr_train_{1001 + i}" for i in range(20)][::-1])
+    split = data.make_split(vols, "mmwhs", 10, seed=0)
+    assert split["train"] == [f"mr_train_{i}" for i in range(1001, 1009)]
+    assert split["val"] == ["mr_train_1009", "mr_train_1010"]
+    assert split["test"] == [f"mr_train_{i}" for i in range(1011, 1021)]
+    assert [len(data.make_split(vols, "mmwhs", p, 0)["labeled"]) for p in (10, 20, 40, 100)] == [1, 2, 3, 8]
+
+
+def test_own_split_rule():
+    vols = fake([f"case{i:02d}" for i in range(10)]) + fake(["u1", "u2", "u3"], labeled=False)
+    a, b = (data.make_split(vols, "own", 10, seed) for seed in (0, 1))
+    assert (len(a["test"]), len(a["val"]), len(a["train"])) == (2, 1, 10)
+    assert {"u1", "u2", "u3"} <= set(a["unlabeled"]) and len(a["labeled"]) == 1
+    assert a["test"] == b["test"] and a["val"] == b["val"]
+    assert data.make_split(vols, "own", 10, 0, split_seed=5)["test"] != a["test"]
+
+
+def test_split_json_round_trip(tmp_path):
+    vols = fake(ACDC_IDS)
+    split = data.make_split(vols, "acdc", 2.5, seed=3)
+    data.save_split(split, tmp_path / "run" / "split.json")
+    assert data.load_split(tmp_path / "run" / "split.json", vols) == split
+
+
+@pytest.mark.parametrize("edit", ["missing key", "overlap", "unknown id", "labeled outside train", "not json"])
+def test_invalid_split_file(tmp_path, edit):
+    vols = fake(ACDC_IDS)
+    split = data.make_split(vols, "acdc", 10, seed=0)
+    if edit == "missing key":
+        del split["val"]
+    elif edit == "overlap":
+        split["val"].append(split["test"][0])
+    elif edit == "unknown id":
+        split["test"].append("patient999")
+    elif edit == "labeled outside train":
+        split["labeled"].append(split["test"][0])
+    path = tmp_path / "split.json"
+    path.write_text("{not json" if edit == "not json" else json.dumps(split))
+    with pytest.raises(DataError, match=str(path)):
+        data.load_split(path, vols)
+
+
+def test_preprocess_shapes_and_intensity_range():
+    vol = volume(noise((30, 20, 4)) * 5, labels((30, 20, 4)), spacing=(2.0, 1.0, 8.0))
+    image, label = data.preprocess(vol, spacing=1.5, size=24)
+    assert image.shape == label.shape == (4, 24, 24) and image.dtype == np.float32 and label.dtype == np.uint8
+    assert image.flags.c_contiguous and 0 <= image.min() and image.max() <= 1
+    same = volume(noise((24, 24, 2)))
+    norm = data.normalise(same.image)
+    assert norm.min() == 0 and norm.max() == 1 and np.mean(norm == 1) == pytest.approx(0.01, abs=0.005)
+    np.testing.assert_allclose(data.preprocess(same, 1.0, 24)[0], norm.transpose(2, 0, 1), atol=1e-6)
+    assert set(np.unique(label)) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("native, target", [(1.0, 1.0), (1.0, 0.5), (0.7, 1.367), (1.9, 1.367)])
+def test_bright_centre_pixel_stays_at_centre(native, target):
+    image = np.zeros((9, 9, 1))
+    image[4, 4] = 1
+    out = data.preprocess(volume(image, spacing=(native, native, 5.0)), spacing=target, size=15)[0][0]
+    assert np.unravel_index(out.argmax(), out.shape) == (7, 7)
+    np.testing.assert_allclose(out, out[::-1, ::-1], atol=1e-6)
+
+
+def test_checkerboard_2x_downsample():
+    ij = np.indices((8, 8))
+    fine, blocks = ij.sum(0) % 2, (ij // 2).sum(0) % 2
+    vol = volume(blocks[..., None], blocks[..., None].astype(np.uint8))
+    image, label = data.preprocess(vol, spacing=2.0, size=4)
+    np.testing.assert_allclose(image[0], np.indices((4, 4)).sum(0) % 2, atol=1e-6)
+    np.testing.assert_array_equal(label[0], np.indices((4, 4)).sum(0) % 2)
+    image, _ = data.preprocess(volume(fine[..., None]), spacing=2.0, size=4)
+    np.testing.assert_allclose(image[0], 0.5, atol=1e-6)
+
+
+def test_stack_slices():
+    a = volume(noise((10, 12, 3)), labels((10, 12, 3)))
+    b = volume(noise((14, 9, 2)), labels((14, 9, 2)))
+    images, labs, owner = data.stack_slices([a, b], spacing=1.0, size=16)
+    assert images.shape == labs.shape == (5, 16, 16) and images.flags.c_contiguous
+    np.testing.assert_array_equal(owner, [0, 0, 0, 1, 1])
+    assert owner.dtype == np.int64 and data.stack_slices([a, volume(noise((4, 4, 1)))], 1.0, 16)[1] is None
+
+
+@pytest.mark.parametrize("native, target, size", [(1.0, 1.0, 24), (1.0, 0.5, 48), (1.4, 0.7, 40)])
+def test_inverse_round_trip_is_exact(native, target, size):
+    rng = np.random.default_rng(0)
+    label = np.kron(rng.integers(0, 4, (10, 8, 3)), np.ones((2, 2, 1))).astype(np.uint8)  # (20, 16, 3)
+    vol = volume(noise(label.shape), label, spacing=(native, native, 8.0))
+    _, pre = data.preprocess(vol, target, size)
+    back = data.to_native(pre, vol, target, size)
+    assert back.shape == label.shape and back.dtype == np.uint8
+    np.testing.assert_array_equal(back, label)
+    probs = np.eye(4, dtype=np.float32)[pre].transpose(0, 3, 1, 2)  # (Z, C, size, size)
+    np.testing.assert_array_equal(data.to_native(probs, vol, target, size), label)
+
+
+def test_to_native_outside_the_crop_is_background():
+    vol = volume(noise((40, 30, 2)), np.full((40, 30, 2), 3, np.uint8))
+    _, pre = data.preprocess(vol, 1.0, 10)
+    back = data.to_native(pre, vol, 1.0, 10)
+    expected = np.zeros((40, 30, 2), np.uint8)
+    expected[15:25, 10:20] = 3
+    np.testing.assert_array_equal(back, expected)
+    with pytest.raises(DataError, match="to_native"):
+        data.to_native(pre[:1], vol, 1.0, 10)
+
+
+def test_save_label_nifti_keeps_native_geometry(tmp_path):
+    acdc_patient(tmp_path)
+    vol = data.load_volumes(tmp_path)[1][0]
+    data.save_label_nifti(vol.label, vol, tmp_path / "out" / "pred.nii.gz")
+    saved = nib.load(tmp_path / "out" / "pred.nii.gz")
+    assert saved.get_data_dtype() == np.uint8 and saved.header.get_zooms() == vol.header.get_zooms()
+    np.testing.assert_allclose(saved.affine, vol.affine)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), vol.label)
+
+
+def test_phantom_is_readable_and_anatomical(tmp_path):
+    data.write_phantom(tmp_path / "a", n=2, seed=3)
+    layout, ed = data.load_volumes(tmp_path / "a")
+    _, es = data.load_volumes(tmp_path / "a", frames="es")
+    assert layout == "acdc" and [v.id for v in ed] == ["patient001", "patient002"]
+    for a, b in zip(ed, es):
+        assert set(np.unique(a.label)) == set(np.unique(b.label)) == {0, 1, 2, 3}
+        assert np.sum(a.label == 3) > np.sum(b.label == 3)
+        assert 1.2 <= a.spacing[0] == a.spacing[1] <= 2.0 and 5.0 <= a.spacing[2] <= 10.0
+    info = data._read_info(tmp_path / "a" / "patient001")
+    assert {"ED", "ES", "Group", "NbFrame", "Height", "Weight"} <= set(info)
+    data.write_phantom(tmp_path / "b", n=1, seed=3)
+    again = data.load_volumes(tmp_path / "b")[1][0]
+    np.testing.assert_array_equal(again.image, ed[0].image)
+
+
+def test_cli_synth_and_info(tmp_path):
+    rc, out, err = run_cli("data.py", "synth", "--out", tmp_path / "ph", "--n", 1)
+    assert rc == 0 and (tmp_path / "ph" / "patient001" / "Info.cfg").is_file()
+    rc, out, err = run_cli("data.py", "info", tmp_path / "ph")
+    assert rc == 0 and "layout:   acdc" in out and "volumes:  1" in out
+
+
+def _with_gt(root, gt, spacing=(1.5, 1.5, 8.0)):
+    folder = acdc_patient(root)
+    return nii(folder / "patient001_frame01_gt.nii.gz", gt, spacing)
+
+
+def _with_image(root, image):
+    folder = acdc_patient(root)
+    return nii(folder / "patient001_frame01.nii.gz", image)
+
+
+def _truncated(root):
+    path = acdc_patient(root) / "patient001_frame01.nii.gz"
+    path.write_bytes(path.read_bytes()[:-10])  # header intact, voxel data cut short
+    return path
+
+
+def _garbage(root):
+    path = acdc_patient(root) / "patient001_frame01.nii.gz"
+    path.write_bytes(b"this is not a nifti file")
+    return path
+
+
+def _no_info(root):
+    (acdc_patient(root) / "Info.cfg").unlink()
+    return root / "patient001" / "Info.cfg"
+
+
+def _missing_frame(root):
+    (acdc_patient(root) / "Info.cfg").write_text("ED: 5\nES: 2\n")
+    return root / "patient001" / "patient001_frame05.nii.gz"
+
+
+def _mmwhs_value(root):
+    nii(root / "mr_train_1001_image.nii.gz", noise())
+    raw = np.zeros(SHAPE, np.int16)
+    raw[1], raw[2] = 205, 333
+    return nii(root / "mr_train_1001_label.nii.gz", raw)
+
+
+def _own_unmatched(root):
+    nii(root / "labelsTr" / "a.nii.gz", labels())
+    return nii(root / "imagesTr" / "b.nii.gz", noise())
+
+
+def _no_layout(root):
+    (root / "notes.txt").write_text("no dataset here")
+    return root
+
+
+def _nan_only(root):
+    return _with_image(root, np.full(SHAPE, np.nan, np.float32))
+BAD = {  # name: (make(root) -> path named in the message, problem in the message)
+    "missing folder": (lambda root: root / "nope", "no such folder"),
+    "no layout": (_no_layout, "no recognised layout (expected acdc"),
+    "shape mismatch": (lambda root: _with_gt(root, np.zeros((8, 8, 4), np.uint8)), "differs from image shape"),
+    "affine mismatch": (lambda root: _with_gt(root, labels(), (1.5, 1.6, 8.0)), "label affine differs"),
+    "truncated": (_truncated, "unreadable or truncated"),
+    "unreadable": (_garbage, "unreadable or truncated"),
+    "label value": (lambda root: _with_gt(root, labels() * 3), "label values 6, 9 outside"),
+    "mmwhs value": (_mmwhs_value, "label values 333 outside"),
+    "4D": (lambda root: _with_image(root, noise((8, 8, 3, 2))), "4D image"),
+    "zero size": (lambda root: _with_image(root, np.zeros((8, 8, 0), np.float32)), "empty volume"),
+    "constant": (lambda root: _with_image(root, np.full(SHAPE, 5.0, np.float32)), "constant image"),
+    "all NaN": (_nan_only, "no finite voxel"),
+    "no Info.cfg": (_no_info, "missing Info.cfg"),
+    "missing frame": (_missing_frame, "missing frame file"),
+    "own unmatched": (_own_unmatched, "no matching label"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input(tmp_path, name):
+    make, problem = BAD[name]
+    root = tmp_path / "data"
+    root.mkdir()
+    path = make(root)
+    root = path if name == "missing folder" else root
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(DataError) as err:
+        data.load_volumes(root)
+    assert str(path) in str(err.value) and problem in str(err.value)
+    rc, out, err = run_cli("data.py", "info", root)
+    lines = err.splitlines()
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0] and problem in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_bad_options_exit_2(tmp_path):
+    acdc_patient(tmp_path)
+    for args in (("--label-map", "1-3"), ("--layout", "own"), ("--labeled", "0")):
+        rc, out, err = run_cli("data.py", "info", tmp_path, *args)
+        assert rc == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_nan_voxels_replaced_with_warning(tmp_path):
+    image = noise()
+    image[0, 0, 0], image[1, 1, 1] = np.nan, np.inf
+    path = _with_image(tmp_path, image)
+    with pytest.warns(data.DataWarning, match="2 NaN/Inf voxels") as record:
+        vol = data.load_volumes(tmp_path)[1][0]
+    assert str(path) in str(record[0].message)
+    low = image[np.isfinite(image)].min()
+    assert np.isfinite(vol.image).all() and vol.image[0, 0, 0] == vol.image[1, 1, 1] == low
+    rc, out, err = run_cli("data.py", "info", tmp_path)
+    assert rc == 0 and err.splitlines() == [
+        f"warning: {path}: replaced 2 NaN/Inf voxels by the volume's minimum finite value {low:g}"]
+
+
+@pytest.fixture(scope="module")
+def acdc_ed():
+    return data.load_volumes(ACDC)
+
+
+@needs_acdc
+def test_real_acdc_found_and_split(acdc_ed):
+    layout, vols = acdc_ed
+    assert layout == "acdc" and [v.id for v in vols] == ACDC_IDS
+    split = data.make_split(vols, layout, 10, seed=0)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (78, 2, 20)
+    assert split["test"] == CHAITANYA_TEST and len(split["labeled"]) == 8
+    assert vols[0].spacing == pytest.approx((1.5625, 1.5625, 10.0)) and vols[0].image.shape == (216, 256, 10)
+    assert vols[89].path.endswith("patient090_frame04.nii.gz")
+    assert sorted(v.group for v in vols) == sorted(data.ACDC_GROUPS * 20)
+
+
+@needs_acdc
+def test_real_acdc_round_trip_dice(acdc_ed):
+    """Preprocess -> one-hot -> to_native on real ground truths (incl. the two worst of all 100: 038, 100)."""
+    vols = {v.id: v for v in acdc_ed[1]}
+    scores = []
+    for pid in ("patient001", "patient038", "patient057", "patient090", "patient100"):
+        vol = vols[pid]
+        back = data.to_native(data.preprocess(vol)[1], vol)
+        assert back.shape == vol.label.shape
+        scores.append([dice(back, vol.label, c) for c in (1, 2, 3)])
+    scores = np.array(scores)
+    assert scores.mean(0).min() > 0.98 and scores.min() > 0.96
+
+
+# ==========================================================================================================
+# metrics.py
+# ==========================================================================================================
+SQRT5 = math.sqrt(5.0)
+
+
+def all_metrics(a, b, spacing=None):
+    return metrics.dice(a, b), metrics.assd(a, b, spacing), metrics.hd(a, b, spacing), metrics.hd95(a, b, spacing)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hand-computed cases
+# ----------------------------------------------------------------------------------------------------------
+def test_dice_hand_counts():
+    a = np.array([1, 1, 0, 0, 1])
+    b = np.array([0, 1, 1, 0, 1])
+    assert metrics.dice(a, b) == pytest.approx(2 * 2 / (3 + 3))
+    square = np.zeros((6, 6), bool)
+    square[1:4, 1:4] = True  # 9 voxels
+    shifted = np.roll(square, 1, axis=1)  # overlaps in 6
+    assert metrics.dice(square, shifted) == pytest.approx(12 / 18)
+    assert metrics.dice(square, square) == 1.0
+    assert metrics.dice(square, np.roll(square, 3, axis=0)) == 0.0
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 2), (1, 2, 0), (3, 1, 1)])
+def test_single_voxel_against_shifted_voxel(shift):
+    spacing = (2.0, 3.0, 0.5)
+    a = np.zeros((7, 7, 7), bool)
+    a[2, 2, 2] = True
+    b = np.roll(a, shift, axis=(0, 1, 2))
+    expected = math.sqrt(sum((d * s) ** 2 for d, s in zip(shift, spacing)))
+    _, assd, hd, hd95 = all_metrics(a, b, spacing)
+    assert (assd, hd, hd95) == pytest.approx((expected,) * 3, rel=1e-12)
+    np.testing.assert_allclose(metrics.directed_distances(a, b, spacing), [expected], rtol=1e-12)
+
+
+def test_square_inside_bigger_square_anisotropic_by_hand():
+    # rows 2 mm apart, columns 1 mm apart; A = 3x3 square, B = the 5x5 square around it
+    a, b = np.zeros((9, 9), bool), np.zeros((9, 9), bool)
+    a[3:6, 3:6] = True
+    b[2:7, 2:7] = True
+    spacing = (2.0, 1.0)
+    # A's 8 border voxels: the 4 corners and the left/right middles are 1 mm (one column) from B's
+    # border, the top/bottom middles 2 mm (one row, or two columns).
+    d_ab = metrics.directed_distances(a, b, spacing)
+    assert sorted(d_ab) == pytest.approx([1, 1, 1, 1, 1, 1, 2, 2])
+    # B's 16 border voxels: 6 on the left/right columns at 1 mm, 6 on the top/bottom rows at 2 mm,
+    # the 4 corners at sqrt(2^2 + 1^2) mm.
+    d_ba = metrics.directed_distances(b, a, spacing)
+    assert sorted(d_ba) == pytest.approx([1] * 6 + [2] * 6 + [SQRT5] * 4)
+    assert metrics.hd(a, b, spacing) == pytest.approx(SQRT5)
+    assert metrics.assd(a, b, spacing) == pytest.approx((10 + 18 + 4 * SQRT5) / 24)
+    assert metrics.hd95(a, b, spacing) == pytest.approx(SQRT5)  # sorted[21] and [22] are both sqrt(5)
+    assert metrics.dice(a, b) == pytest.approx(2 * 9 / (9 + 25))
+
+
+def test_assd_pools_both_directions_and_hd95_interpolates_linearly():
+    # 1D: A = one voxel, B = a segment starting there; D_AB = [0], D_BA = [0, 10 voxels]
+    a, b = np.zeros(30, bool), np.zeros(30, bool)
+    a[10] = True
+    b[10:21] = True
+    spacing = (0.5,)
+    pooled = [0.0, 0.0, 5.0]
+    assert metrics.assd(a, b, spacing) == pytest.approx(5.0 / 3)  # pooled mean, as medpy 0.5.2
+    assert metrics.assd(a, b, spacing) != pytest.approx((0.0 + 2.5) / 2)  # not the mean of the two means
+    assert metrics.hd95(a, b, spacing) == pytest.approx(4.5)  # index 0.95 * 2 = 1.9: 0 + 0.9 * 5
+    assert metrics.hd95(a, b, spacing) == pytest.approx(np.percentile(pooled, 95))
+    assert metrics.hd(a, b, spacing) == pytest.approx(5.0)
+    assert metrics.assd(a, b, spacing) == metrics.assd(b, a, spacing)
+
+
+def test_objects_touching_the_array_edge():
+    full = np.ones((4, 4), bool)  # the array edge is surface, as if the outside were background
+    ring = full.copy()
+    ring[1:3, 1:3] = False
+    np.testing.assert_array_equal(metrics.surface(full), ring)
+    cube = np.ones((3, 3, 3), bool)
+    expected = cube.copy()
+    expected[1, 1, 1] = False
+    np.testing.assert_array_equal(metrics.surface(cube), expected)
+    # B = the left 4x3 block of A: A's right column is 1 voxel from B's; B's two inner right voxels 1 from A's
+    left = full.copy()
+    left[:, 3] = False
+    assert sorted(metrics.directed_distances(full, left)) == [0] * 8 + [1] * 4
+    assert sorted(metrics.directed_distances(left, full)) == [0] * 8 + [1] * 2
+    assert metrics.assd(full, left) == pytest.approx(6 / 22)
+    assert metrics.hd(full, left) == 1.0
+
+
+def test_one_voxel_thin_structures_are_all_surface():
+    a, b = np.zeros((7, 8), bool), np.zeros((7, 8), bool)
+    a[2, 1:6] = True
+    b[4, 1:6] = True
+    np.testing.assert_array_equal(metrics.surface(a), a)
+    _, assd, hd, hd95 = all_metrics(a, b, (1.5, 0.7))
+    assert (assd, hd, hd95) == pytest.approx((3.0, 3.0, 3.0))
+    plane = np.zeros((5, 6, 6), bool)
+    plane[2] = True
+    np.testing.assert_array_equal(metrics.surface(plane), plane)
+    assert metrics.hd(plane, np.roll(plane, 2, axis=0), (4.0, 1.0, 1.0)) == pytest.approx(8.0)
+
+
+def test_empty_conventions():
+    empty, one = np.zeros((5, 5), bool), np.zeros((5, 5), bool)
+    one[2, 2] = True
+    assert all_metrics(empty, empty) == (1.0, 0.0, 0.0, 0.0)
+    for a, b in ((one, empty), (empty, one)):
+        dsc, *distances = all_metrics(a, b)
+        assert dsc == 0.0 and all(math.isnan(d) for d in distances)
+    assert metrics.directed_distances(empty, one).shape == (0,)
+    assert np.all(np.isinf(metrics.directed_distances(one, empty)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against a naive reference on random masks
+# ----------------------------------------------------------------------------------------------------------
+def naive_surface(mask):
+    """Surface voxel by voxel: foreground with a face neighbour that is background or outside the array."""
+    out = np.zeros_like(mask)
+    for p in np.ndindex(mask.shape):
+        if not mask[p]:
+            continue
+        for axis, step in itertools.product(range(mask.ndim), (-1, 1)):
+            q = list(p)
+            q[axis] += step
+            if not 0 <= q[axis] < mask.shape[axis] or not mask[tuple(q)]:
+                out[p] = True
+    return out
+
+
+def naive_directed(a, b, spacing):
+    """For every surface voxel of a (C order), the smallest distance to any surface voxel of b, pair by pair."""
+    pa, pb = np.argwhere(naive_surface(a)), np.argwhere(naive_surface(b))
+    return np.array([min(math.sqrt(sum(((p - q) * spacing) ** 2)) for q in pb) for p in pa])
+
+
+def random_pair(rng, ndim):
+    shape = tuple(rng.integers(1, 9 if ndim < 4 else 5, ndim))
+    a = rng.random(shape) < rng.uniform(0.05, 0.6)
+    b = np.roll(a, 1, axis=0) ^ (rng.random(shape) < 0.1) if rng.random() < 0.5 else rng.random(shape) < 0.2
+    a.flat[rng.integers(a.size)] = b.flat[rng.integers(b.size)] = True  # neither empty
+    return a, b, rng.uniform(0.3, 4.0, ndim)
+
+
+@pytest.fixture(params=["default", "tiny blocks and ball"])
+def search_sizes(request, monkeypatch):
+    """Default sizes, and sizes so small that the far-query search, its leaves and every block loop run."""
+    if request.param != "default":
+        monkeypatch.setattr(metrics, "BALL_SIZE", 2)
+        monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 7)
+        monkeypatch.setattr(metrics, "LEAF_SIZE", 3)
+    metrics._ball.cache_clear()
+    yield
+    metrics._ball.cache_clear()
+
+
+def test_surface_matches_naive_loops():
+    rng = np.random.default_rng(0)
+    for ndim in (1, 2, 3, 4):
+        for _ in range(10):
+            a, _, _ = random_pair(rng, ndim)
+            np.testing.assert_array_equal(metrics.surface(a), naive_surface(a))
+
+
+def test_distances_match_naive_pairwise_reference(search_sizes):
+    rng = np.random.default_rng(1)
+    for ndim in (1, 2, 3, 4):
+        for _ in range(12):
+            a, b, spacing = random_pair(rng, ndim)
+            d_ab, d_ba = naive_directed(a, b, spacing), naive_directed(b, a, spacing)
+            np.testing.assert_allclose(metrics.directed_distances(a, b, spacing), d_ab, rtol=1e-12, atol=1e-12)
+            pooled = np.concatenate((d_ab, d_ba))
+            expected = (pooled.mean(), pooled.max(), np.percentile(pooled, 95))
+            assert all_metrics(a, b, spacing)[1:] == pytest.approx(expected, rel=1e-12)
+
+
+def test_far_queries_are_exact_on_a_larger_case(search_sizes):
+    # a blob and scattered specks far from it, so that many queries leave the probing ball
+    rng = np.random.default_rng(2)
+    a = np.zeros((6, 40, 40), bool)
+    a[2:5, 5:15, 5:15] = True
+    b = rng.random(a.shape) < 0.01
+    b[3, 30:33, 28:36] = True
+    spacing = np.array([5.0, 0.8, 1.1])
+    for x, y in ((a, b), (b, a)):
+        pa, pb = np.argwhere(metrics.surface(x)), np.argwhere(metrics.surface(y))
+        expected = np.sqrt((((pa[:, None] - pb[None]) * spacing) ** 2).sum(-1).min(1))
+        np.testing.assert_allclose(metrics.directed_distances(x, y, spacing), expected, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against medpy 0.5.2
+# ----------------------------------------------------------------------------------------------------------
+def test_matches_medpy_on_random_masks(search_sizes):
+    binary = pytest.importorskip("medpy.metric.binary", reason="medpy is not installed; pip install medpy==0.5.2")
+    surface_distances = getattr(binary, "__surface_distances")
+    rng = np.random.default_rng(3)
+    for ndim, shape in [(2, (23, 17)), (3, (7, 15, 12))] * 6:
+        a = rng.random(shape) < rng.uniform(0.1, 0.7)
+        b = rng.random(shape) < rng.uniform(0.05, 0.5)
+        a[0] = True  # touches the array edge
+        spacing = tuple(rng.uniform(0.5, 8.0, ndim))
+        np.testing.assert_allclose(metrics.directed_distances(a, b, spacing),
+                                   surface_distances(a, b, spacing), rtol=1e-9)
+        ours = all_metrics(a, b, spacing)
+        theirs = (binary.dc(a, b), binary.assd(a, b, spacing), binary.hd(a, b, spacing), binary.hd95(a, b, spacing))
+        assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_evaluate_matches_medpy_on_the_bench_phantom():
+    binary = pytest.importorskip("medpy.metric.binary", reason="medpy is not installed; pip install medpy==0.5.2")
+    pred, gt = metrics._phantom((6, 64, 64))
+    spacing = (10.0, 1.5, 1.5)
+    for label, scores in metrics.evaluate(pred, gt, spacing).items():
+        a, b = pred == label, gt == label
+        theirs = {"dsc": binary.dc(a, b), "assd": binary.assd(a, b, spacing), "hd": binary.hd(a, b, spacing),
+                  "hd95": binary.hd95(a, b, spacing)}
+        assert scores == pytest.approx(theirs, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate and summarize
+# ----------------------------------------------------------------------------------------------------------
+def test_evaluate_agrees_with_the_binary_functions_and_crops_exactly():
+    gt = np.zeros((4, 10, 12), np.int16)
+    gt[:, 0:4, 0:5] = 1  # touches three array faces
+    gt[1:3, 5:9, 6:11] = 2
+    pred = gt.copy()
+    pred[:, 0:4, 5] = 1
+    pred[2, 5:9, 6:8] = 0
+    pred[3, 9, 11] = 4  # a label only the prediction has
+    spacing = (3.0, 1.0, 0.5)
+    result = metrics.evaluate(pred, gt, spacing)
+    assert list(result) == [1, 2, 4]
+    for label in (1, 2):
+        a, b = pred == label, gt == label
+        expected = dict(zip(("dsc", "assd", "hd", "hd95"), all_metrics(a, b, spacing)))
+        assert result[label] == pytest.approx(expected, rel=1e-12)
+    assert result[4]["dsc"] == 0.0 and math.isnan(result[4]["hd"])
+    absent = metrics.evaluate(pred, gt, spacing, labels=[7])[7]
+    assert absent == {"dsc": 1.0, "assd": 0.0, "hd": 0.0, "hd95": 0.0}
+    floats = metrics.evaluate(pred.astype(np.float32), gt.astype(np.float64), spacing, labels=[1, 2])
+    assert floats == {k: result[k] for k in (1, 2)}
+
+
+def test_summarize_means_stds_and_nan_counts():
+    rows = [
+        {1: {"dsc": 0.8, "assd": 1.0, "hd": 4.0, "hd95": 3.0}, 2: {"dsc": 0.0, "assd": math.nan, "hd": math.nan,
+                                                                  "hd95": math.nan}},
+        {1: {"dsc": 0.6, "assd": 3.0, "hd": 8.0, "hd95": 5.0}, 2: {"dsc": 1.0, "assd": 2.0, "hd": 6.0, "hd95": 4.0}},
+    ]
+    summary = metrics.summarize(rows)
+    assert set(summary) == {1, 2, "mean"}
+    assert summary[1]["dsc"] == pytest.approx({"mean": 0.7, "std": 0.1, "n_nan": 0})
+    assert summary[1]["hd"] == pytest.approx({"mean": 6.0, "std": 2.0, "n_nan": 0})
+    assert summary[2]["hd"] == pytest.approx({"mean": 6.0, "std": 0.0, "n_nan": 1})
+    # per volume the class mean is a nanmean: volume 1's hd is 4 (class 2 left out), volume 2's is 7
+    assert summary["mean"]["hd"] == pytest.approx({"mean": 5.5, "std": 1.5, "n_nan": 0})
+    assert summary["mean"]["dsc"] == pytest.approx({"mean": 0.6, "std": 0.2, "n_nan": 0})
+    all_nan = metrics.summarize([{1: {"dsc": 0.0, "assd": math.nan, "hd": math.nan, "hd95": math.nan}}])
+    assert all_nan["mean"]["hd"]["n_nan"] == 1 and math.isnan(all_nan["mean"]["hd"]["mean"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("call, message", [
+    (lambda: metrics.hd(np.ones((3, 3)), np.ones((3, 4))), "shape"),
+    (lambda: metrics.dice(np.ones((3, 3)), np.ones((3, 4))), "shape"),
+    (lambda: metrics.hd(np.ones((3, 3)), np.ones((3, 3)), (1.0,)), "per array axis"),
+    (lambda: metrics.assd(np.ones((3, 3)), np.ones((3, 3)), (1.0, 0.0)), "positive"),
+    (lambda: metrics.hd95(np.ones((3, 3)), np.ones((3, 3)), (1.0, -2.0)), "positive"),
+    (lambda: metrics.hd95(np.ones((3, 3)), np.ones((3, 3)), (1.0, math.nan)), "positive"),
+    (lambda: metrics.hd(np.ones((3, 3)), np.ones((3, 3)), 1.0), "per array axis"),
+    (lambda: metrics.hd(np.ones((3, 3)), np.ones((3, 3)), "ab"), "per array axis"),
+    (lambda: metrics.hd(np.full((3, 3), 2), np.ones((3, 3))), "binary"),
+    (lambda: metrics.dice(np.full((3, 3), 0.5), np.ones((3, 3))), "binary"),
+    (lambda: metrics.surface(np.array([0, 1, math.nan])), "binary"),
+    (lambda: metrics.surface(np.array(["a", "b"])), "binary"),
+    (lambda: metrics.surface(np.array(True)), "dimension"),
+    (lambda: metrics.directed_distances(np.ones(3), np.ones(3), (1.0, 1.0)), "per array axis"),
+    (lambda: metrics.evaluate(np.ones((2, 2), int), np.ones((2, 3), int)), "shape"),
+    (lambda: metrics.evaluate(np.int64(1), np.int64(1)), "dimension"),
+    (lambda: metrics.evaluate(np.full((2, 2), 0.5), np.ones((2, 2), int)), "integer labels"),
+    (lambda: metrics.evaluate(np.ones((2, 2), int), np.ones((2, 2), int), (1.0, 1.0, 1.0)), "per array axis"),
+    (lambda: metrics.evaluate(np.ones((2, 2), int), np.ones((2, 2), int), labels=[1.5]), "labels"),
+    (lambda: metrics.summarize([]), "at least one"),
+    (lambda: metrics.summarize([{1: {}}, {2: {}}]), "same labels"),
+])
+def test_bad_input_raises_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+def save_labels(path, labels, zooms):
+    image = nib.Nifti1Image(labels.astype(np.uint8), np.diag([*zooms, 1.0]))
+    image.header.set_zooms(zooms)
+    nib.save(image, path)
+    return path
+
+
+def assert_one_error_line(result, *words):
+    rc, _, err = result
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_cli_prints_a_table_with_the_ground_truth_spacing(tmp_path):
+    gt = np.zeros((6, 6, 3), np.uint8)
+    gt[1:3, 1:3, 1] = 1
+    pred = np.roll(gt, 2, axis=0)  # shifted by two voxels along the first axis
+    gt_path = save_labels(tmp_path / "gt.nii.gz", gt, (1.5, 1.0, 4.0))
+    pred_path = save_labels(tmp_path / "pred.nii.gz", pred, (1.5, 1.0, 4.0))
+    rc, out, err = run_cli("metrics.py", pred_path, gt_path)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["class", "DSC", "ASD", "mm", "HD", "mm", "HD95", "mm"]
+    row = lines[1].split()
+    assert row[0] == "1" and float(row[1]) == 0.0 and float(row[3]) == pytest.approx(3.0)  # 2 voxels x 1.5 mm
+    rc, out, err = run_cli("metrics.py", pred_path, gt_path, "--labels", "1", "2")
+    assert rc == 0 and [line.split()[0] for line in out.strip().splitlines()[1:]] == ["1", "2", "mean"]
+    coarse_pred = save_labels(tmp_path / "coarse.nii.gz", pred, (3.0, 1.0, 4.0))
+    rc, out, err = run_cli("metrics.py", coarse_pred, gt_path)
+    assert rc == 0 and "warning" in err and "coarse.nii.gz" in err
+    assert float(out.strip().splitlines()[1].split()[3]) == pytest.approx(3.0)  # the ground truth's zooms
+
+
+def test_cli_errors_are_one_line_naming_the_file(tmp_path):
+    labels = np.zeros((5, 5, 3), np.uint8)
+    labels[1:3, 1:3, 1] = 1
+    good = save_labels(tmp_path / "good.nii.gz", labels, (1.0, 1.0, 1.0))
+    assert_one_error_line(run_cli("metrics.py", tmp_path / "missing.nii.gz", good), "missing.nii.gz", "no such file")
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    assert_one_error_line(run_cli("metrics.py", truncated, good), "truncated.nii.gz")
+    header_only = tmp_path / "header.nii.gz"
+    header_only.write_bytes(gzip.compress(gzip.decompress(good.read_bytes())[:200]))
+    assert_one_error_line(run_cli("metrics.py", header_only, good), "header.nii.gz")
+    other = save_labels(tmp_path / "other.nii.gz", np.zeros((5, 4, 3)), (1.0, 1.0, 1.0))
+    assert_one_error_line(run_cli("metrics.py", other, good), "other.nii.gz", "shape")
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    assert_one_error_line(run_cli("metrics.py", good, text), "notes.nii.gz")
+
+
+def test_bench_runs_on_a_tiny_volume():
+    rc, out, err = run_cli("metrics.py", "--bench", "--bench-shape", "5", "32", "32")
+    assert rc == 0, err
+    assert "metrics.py" in out and "s/volume" in out
+
+
+# ==========================================================================================================
+# ideal.py
+# ==========================================================================================================
+# ----------------------------------------------------------------------------------------------------------
+# Eq. 1 and Eq. 2 against naive loops
+# ----------------------------------------------------------------------------------------------------------
+def naive_local_infonce(q, k, valid, tau, negatives):
+    """Eq. 2 written location by location."""
+    b, c, h, w = q.shape
+    q, k, valid = q.reshape(b, c, -1), k.reshape(b, c, -1), valid.reshape(b, -1)
+    total, count = 0.0, 0
+    for i in range(b):
+        for loc in range(h * w):
+            if not valid[i, loc]:
+                continue
+            pos = math.exp(float(q[i, :, loc] @ k[i, :, loc]) / tau)
+            neg = 0.0
+            for j in range(b):
+                if j == i:
+                    continue
+                locs = [loc] if negatives == "same" else range(h * w)
+                for m in locs:
+                    if valid[j, m]:
+                        neg += math.exp(float(q[i, :, loc] @ k[j, :, m]) / tau)
+            total += -math.log(pos / (pos + neg))
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("negatives", ["same", "all"])
+def test_local_infonce_equals_naive_loop(negatives):
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(3, 5, 2, 3, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(3, 5, 2, 3, generator=g, dtype=torch.float64), dim=1)
+    valid = torch.rand(3, 2, 3, generator=g) > 0.3
+    got = ideal.local_infonce(q, k, valid, tau=0.2, negatives=negatives).item()
+    assert got == pytest.approx(naive_local_infonce(q, k, valid, 0.2, negatives), rel=1e-6)
+
+
+def test_local_infonce_minimum_and_shuffled():
+    g = torch.Generator().manual_seed(1)
+    b, c, h, w = 4, 40, 3, 3
+    feats = F.normalize(torch.randn(b, c, h, w, generator=g), dim=1)
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    identical = ideal.local_infonce(feats, feats, valid, tau=0.05).item()
+    shuffled = ideal.local_infonce(feats, feats.flatten(2)[..., torch.randperm(h * w, generator=g)]
+                                   .reshape(b, c, h, w), valid, tau=0.05).item()
+    orthogonal = torch.eye(c)[: b * h * w].reshape(b, h, w, c).permute(0, 3, 1, 2)
+    best = ideal.local_infonce(orthogonal, orthogonal, valid, tau=0.05).item()
+    assert best < 1e-6                        # well separated: -log(e^20 / (e^20 + 3)) ~ 6e-9
+    assert identical < 0.5 < shuffled
+
+
+def naive_global_infonce(q, k, tau):
+    z = F.normalize(torch.cat([q, k]), dim=1)
+    n, b = len(z), len(q)
+    total = 0.0
+    for i in range(n):
+        j = (i + b) % n
+        den = sum(math.exp(float(z[i] @ z[m]) / tau) for m in range(n) if m != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / tau) / den)
+    return total / n
+
+
+def test_global_infonce_equals_naive_loop():
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    assert ideal.global_infonce(q, k, 0.3).item() == pytest.approx(naive_global_infonce(q, k, 0.3), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact correspondence between the two views
+# ----------------------------------------------------------------------------------------------------------
+def affine(angle, scale, flip, tx, ty):
+    c, s = math.cos(angle) * scale, math.sin(angle) * scale
+    return torch.tensor([[[c * flip, -s, tx], [s * flip, c, ty]]], dtype=torch.float32)
+
+
+def test_alignment_is_exact_on_a_coordinate_ramp():
+    """Features = the image coordinates themselves: after alignment the key map must equal the query map."""
+    n = 96
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
+    ramp = torch.stack([xs, ys])[None]                                       # (1, 2, n, n)
+    theta_q, theta_k = affine(0.4, 0.7, 1, 0.1, -0.05), affine(-0.3, 0.8, -1, -0.1, 0.1)
+    fq = F.avg_pool2d(ideal.warp(ramp, theta_q), 8)                          # (1, 2, 12, 12)
+    fk = F.avg_pool2d(ideal.warp(ramp, theta_k), 8)
+    k_on_q, valid = ideal.align(fk, theta_q, theta_k)
+    grid = F.affine_grid(ideal.relative_affine(theta_q, theta_k), list(fk.shape), align_corners=False)
+    interior = valid & (grid.abs() <= 1 - 1 / 12).all(-1)
+    assert interior.sum() > 40 and (~valid).sum() > 0
+    err = (k_on_q - fq).abs().amax(1)[interior]
+    assert err.max() < 2 / n                                                 # well under one pixel
+
+
+def test_alignment_single_bright_pixel():
+    """A single bright pixel seen through two known affines lands on the same feature cell."""
+    n, cell = 128, 8
+    x = torch.zeros(1, 1, n, n)
+    x[0, 0, 70, 50] = 1.0
+    theta_q, theta_k = affine(0.5, 0.8, 1, 0.05, 0.05), affine(-0.4, 0.9, -1, 0.0, -0.05)
+    fq = F.avg_pool2d(ideal.warp(x, theta_q), cell)
+    fk = F.avg_pool2d(ideal.warp(x, theta_k), cell)
+    k_on_q, valid = ideal.align(fk, theta_q, theta_k)
+    w = fq.shape[-1]
+    iq, ik = divmod(int(fq.flatten().argmax()), w), divmod(int(k_on_q.flatten().argmax()), w)
+    assert valid[0, iq[0], iq[1]]
+    assert abs(iq[0] - ik[0]) < 1 and abs(iq[1] - ik[1]) < 1
+
+
+def test_out_of_view_locations_are_invalid():
+    """A key view covering only the right half of the image: query cells on the left are invalid."""
+    theta_q = affine(0.0, 1.0, 1, 0.0, 0.0)                                  # the whole image
+    theta_k = torch.tensor([[[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]]])             # x in [0, 1] only
+    _, valid = ideal.align(torch.zeros(1, 3, 8, 8), theta_q, theta_k)
+    assert valid[0, :, 4:].all() and not valid[0, :, :4].any()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eq. 3
+# ----------------------------------------------------------------------------------------------------------
+def test_cross_consistency_loss_by_hand():
+    l1 = torch.tensor([[[[2.0]], [[0.0]]]])                                  # (1, 2, 1, 1): p1 favours class 0
+    l2 = torch.tensor([[[[0.0]], [[1.0]]]])                                  # p2 favours class 1
+    mask = torch.tensor([[[1]]])
+    loss, sup, unsup = ideal.cross_consistency_loss(l1, l2, mask, l1, l2, weight=0.5)
+    ce = lambda z, c: -math.log(math.exp(z[c]) / (math.exp(z[0]) + math.exp(z[1])))
+    want_sup = ce([2.0, 0.0], 1) + ce([0.0, 1.0], 1)
+    want_unsup = ce([2.0, 0.0], 1) + ce([0.0, 1.0], 0)                       # p1 vs y2 = 1, p2 vs y1 = 0
+    assert sup.item() == pytest.approx(want_sup)
+    assert unsup.item() == pytest.approx(want_unsup)
+    assert loss.item() == pytest.approx(want_sup + 0.5 * want_unsup)
+
+
+def test_unlabeled_gradients_reach_both_decoders_and_encoder_not_pseudo_labels():
+    torch.manual_seed(0)
+    model = ideal.IDEALSegmenter(3, depth=10, width=8)
+    l1, l2 = model(torch.rand(2, 1, 32, 32))
+    y2 = ideal.pseudo_label(l2)
+    assert not y2.requires_grad
+    _, _, unsup = ideal.cross_consistency_loss(l1[:0], l2[:0], torch.zeros(0, 32, 32, dtype=torch.long), l1, l2)
+    unsup.backward()
+    for part in (model.encoder, model.d1, model.d2):
+        assert sum(p.grad.abs().sum() for p in part.parameters() if p.grad is not None) > 0
+
+
+def test_decoders_differ_and_give_input_size():
+    model = ideal.IDEALSegmenter(4, depth=10, width=8)
+    assert isinstance(model.d1.final.up.up, torch.nn.ConvTranspose2d)
+    assert isinstance(model.d2.final.up.up[0], torch.nn.Upsample)
+    l1, l2 = model(torch.rand(2, 1, 64, 64))
+    assert l1.shape == l2.shape == (2, 4, 64, 64)
+    assert not torch.allclose(l1, l2)
+    same = ideal.IDEALSegmenter(4, depth=10, width=8, same_decoders=True)
+    assert isinstance(same.d2.final.up.up, torch.nn.ConvTranspose2d)
+
+
+def test_rampup():
+    assert ideal.rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert ideal.rampup(40, 100) == 1.0 and ideal.rampup(99, 100) == 1.0
+    assert ideal.rampup(0, 100, fraction=0) == 1.0
+
+
+@pytest.mark.parametrize("depth", [10, 50])
+def test_encoder_strides(depth):
+    enc = ideal.ResNetEncoder(depth, width=8)
+    feats = enc(torch.rand(1, 1, 64, 64))
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]
+    assert [f.shape[1] for f in feats] == enc.channels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Short training runs
+# ----------------------------------------------------------------------------------------------------------
+def blob_batch(n, size, g):
+    """Slices with a bright disc (class 2) inside a ring (class 1) at random places."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    c = torch.rand(n, 2, generator=g) * size / 2 + size / 4
+    r = torch.sqrt((ys - c[:, 0, None, None]) ** 2 + (xs - c[:, 1, None, None]) ** 2)
+    mask = (r < size / 6).long() + (r < size / 10).long()
+    x = mask.float() / 2 + 0.05 * torch.randn(n, size, size, generator=g)
+    return x[:, None], mask
+
+
+def test_pretraining_steps_reduce_loss():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = ideal.PretrainNet(depth=10, width=8, proj_dim=16)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    cfg = dict(loss="both", tau=0.5, lambda_loc=1.0, negatives="same")
+    x, _ = blob_batch(8, 64, g)
+    losses = []
+    for _ in range(25):
+        losses.append(ideal.pretrain_step(model, opt, x, torch.Generator().manual_seed(len(losses)), cfg)["loss"].item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_overfitting_a_few_slices_reaches_high_dice():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = ideal.IDEALSegmenter(3, depth=10, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, m = blob_batch(4, 64, g)
+    for _ in range(150):
+        ideal.finetune_step(model, opt, x, m, x, weight=0.5)
+    model.eval()
+    pred = ideal.predict(model, x).argmax(1)
+    dice = [2 * ((pred == c) & (m == c)).sum() / ((pred == c).sum() + (m == c).sum()) for c in (1, 2)]
+    assert min(dice) > 0.9
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command lines on a tiny phantom
+# ----------------------------------------------------------------------------------------------------------
+TINY = ["--size", "64", "--spacing", "5", "--depth", "10", "--width", "8", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    data.write_phantom(root, n=12, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(phantom, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pre"
+    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", out, "--epochs", "2", *TINY)
+    assert rc == 0, err
+    return out
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_pretrain_cli_writes_a_complete_run_folder(pretrained):
+    for name in ("config.json", "split.json", "log.jsonl", "last.pt", "encoder.pt", "done.json"):
+        assert (pretrained / name).is_file(), name
+    log = [json.loads(line) for line in (pretrained / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    cfg = json.loads((pretrained / "config.json").read_text())
+    assert cfg["depth"] == 10 and cfg["epochs"] == 2 and cfg["loss"] == "both"
+    split = json.loads((pretrained / "split.json").read_text())
+    assert not set(split["test"]) & set(split["train"] + split["val"])
+
+
+def test_killed_pretraining_resumes_to_the_same_weights(phantom, pretrained, tmp_path):
+    """SIGKILL once epoch 1 is logged, then --resume: the same weights as the uninterrupted 2-epoch run."""
+    out = tmp_path / "killed"
+    args = ["pretrain", "--data", phantom, "--out", out, "--epochs", "2", *TINY]
+    proc = subprocess.Popen([sys.executable, str(HERE / "ideal.py"), *map(str, args)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    while proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    rc, _, err = run_cli("ideal.py", "pretrain", "--out", out, "--resume", *TINY)
+    assert rc == 0, err
+    a, b = weights(pretrained / "last.pt"), weights(out / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_extends_a_finished_run(phantom, pretrained, tmp_path):
+    out = tmp_path / "short"
+    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", out, "--epochs", "1", *TINY)
+    assert rc == 0, err
+    rc, _, err = run_cli("ideal.py", "pretrain", "--out", out, "--resume", "--epochs", "2", *TINY)
+    assert rc == 0, err
+    a, b = weights(pretrained / "last.pt"), weights(out / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_numbers(phantom, pretrained, tmp_path):
+    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", tmp_path / "again", "--epochs", "2", *TINY)
+    assert rc == 0, err
+    assert (pretrained / "log.jsonl").read_text() .split("images_per_s")[0] == \
+        (tmp_path / "again" / "log.jsonl").read_text().split("images_per_s")[0]
+
+
+def test_finetune_and_eval_cli(phantom, pretrained, tmp_path):
+    out = tmp_path / "fine"
+    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--pretrained",
+                         pretrained / "encoder.pt", "--labeled", "20", "--epochs", "2", "--steps-per-epoch", "3", *TINY)
+    assert rc == 0, err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and 0 <= log[-1]["val_dice"] <= 1 and (out / "best.pt").is_file()
+    rc, stdout, err = run_cli("ideal.py", "eval", "--run", out, "--save-pred", "--save-png", "--quiet")
+    assert rc == 0, err
+    ev = out / "eval-test"
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["volumes"] == 4 and set(summary["mean"]) == {"dsc", "assd", "hd", "hd95"}
+    assert len((ev / "metrics.csv").read_text().splitlines()) == 1 + 4 * 3
+    assert "MYO" in stdout
+    _, volumes = data.load_volumes(phantom)
+    for vol in volumes:
+        if vol.id in json.loads((out / "split.json").read_text())["test"]:
+            pred = nib.load(ev / "pred" / f"{vol.id}.nii.gz")
+            assert pred.shape == vol.image.shape and np.allclose(pred.affine, vol.affine)
+            assert (ev / "png" / f"{vol.id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
+    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "sup", "--no-pretrain",
+                         "--unlabeled-weight", "0", "--same-decoders", "--epochs", "1", "--steps-per-epoch", "2", *TINY)
+    assert rc == 0, err
+    log = json.loads((tmp_path / "sup" / "log.jsonl").read_text())
+    assert log["unsup"] == 0.0
+
+
+def test_bench_cli_prints_ratios():
+    rc, stdout, err = run_cli("ideal.py", "bench", "--steps", "1", *TINY)
+    assert rc == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["pretrain"]["ratio"] > 0 and result["finetune"]["ratio"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2, nothing overwritten
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["pretrain", "--out", "x", "--preset", "huge"], ["--preset", "huge"]),
+    (["pretrain", "--out", "x", "--loss", "mixed"], ["--loss"]),
+    (["pretrain", "--out", "x", "--batch-size", "0"], ["--batch-size", "> 0"]),
+    (["pretrain", "--out", "x", "--size", "-64"], ["--size"]),
+    (["pretrain", "--out", "x", "--size", "100"], ["--size", "multiple of 32"]),
+    (["finetune", "--out", "x"], ["--pretrained"]),
+    (["finetune", "--out", "x", "--no-pretrain", "--labeled", "150"], ["--labeled"]),
+])
+def test_bad_options(args, words, tmp_path):
+    rc, _, err = run_cli("ideal.py", *args, cwd=tmp_path)
+    assert_one_error_line((rc, "", err), *words)
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_without_checkpoint(tmp_path):
+    rc, _, err = run_cli("ideal.py", "pretrain", "--out", tmp_path / "none", "--resume", *TINY)
+    assert_one_error_line((rc, "", err), "last.pt")
+
+
+def test_missing_data_folder_writes_nothing(tmp_path):
+    rc, _, err = run_cli("ideal.py", "pretrain", "--data", tmp_path / "nowhere", "--out", tmp_path / "run", *TINY)
+    assert_one_error_line((rc, "", err), "nowhere")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(phantom, pretrained):
+    before = (pretrained / "last.pt").read_bytes()
+    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", pretrained, "--epochs", "1", *TINY)
+    assert_one_error_line((rc, "", err), "--resume")
+    assert (pretrained / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["garbage", "pickled_code", "other_arch"])
+def test_bad_pretrained_checkpoints(kind, phantom, pretrained, tmp_path):
+    path = tmp_path / "encoder.pt"
+    if kind == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif kind == "pickled_code":
+        torch.save({"encoder": {}, "config": {}, "hook": torch.nn.ReLU()}, path)
+    else:
+        path.write_bytes((pretrained / "encoder.pt").read_bytes())
+    extra = ["--width", "16"] if kind == "other_arch" else []
+    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained", path,
+                         *TINY, *extra)
+    assert_one_error_line((rc, "", err), str(path))
+    assert not (tmp_path / "run").exists()
+    if kind == "other_arch":
+        assert "width=8 (this run: 16)" in err
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(phantom, pretrained, tmp_path):
+    out = tmp_path / "nan"
+    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", out, "--epochs", "1", "--lr", "1e30",
+                         "--tau", "1e-30", *TINY)
+    assert rc == 1 and "non-finite loss at epoch 1 step" in err and "Traceback" not in err
+    assert not (out / "last.pt").exists()
