@@ -536,7 +536,9 @@ def resolve_data(cfg):
         return cfg["data"]
     if not os.path.isdir(PHANTOM_DIR):
         note(cfg, f"no --data: writing the synthetic phantom to {PHANTOM_DIR} (not real data)")
-        data.write_phantom(PHANTOM_DIR, n=100, seed=0)
+        tmp = f"{PHANTOM_DIR}.tmp{os.getpid()}"
+        data.write_phantom(tmp, n=100, seed=0)
+        os.replace(tmp, PHANTOM_DIR)                 # a killed run never leaves half a phantom
     else:
         note(cfg, f"no --data: using the synthetic phantom in {PHANTOM_DIR} (not real data)")
     return PHANTOM_DIR
@@ -568,6 +570,10 @@ def pretrain(cfg):
     out, device = cfg["out"], torch.device(cfg["device"])
     _, volumes, split = load_split_volumes(cfg)
     images = to_device(slices_of(volumes, split["train"] + split["val"], cfg, labels=False), device)
+    b, n = cfg["batch_size"], len(images)
+    steps = n // b
+    if steps == 0:
+        raise data.DataError(f"--batch-size {b} is larger than the {n} pre-training slices")
     torch.manual_seed(cfg["seed"])
     model = PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
@@ -580,10 +586,6 @@ def pretrain(cfg):
         start_run(cfg, split)
     model = to_device(model, device)
     step_fn = torch.compile(model) if cfg["compile"] else model
-    b, n = cfg["batch_size"], len(images)
-    steps = n // b
-    if steps == 0:
-        raise data.DataError(f"--batch-size {b} is larger than the {n} pre-training slices")
     note(cfg, f"pretrain: {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, "
               f"{steps} steps/epoch, epochs {start}->{cfg['epochs']}")
     progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
@@ -734,10 +736,10 @@ def finetune(cfg):
             xu = None
             if cfg["unlabeled_weight"] > 0:
                 xu, _ = augment_pair(x_u[torch.randint(len(x_u), (b,), generator=g_cpu).to(device)], None, g_dev)
-            loss, sup, unsup = finetune_step(step_fn, opt, xl, ml, xu, weight)
-            check_finite(loss.item(), epoch + 1, step + 1, out)
-            sums += [loss.item(), sup.item(), unsup.item()]
-            progress.update((epoch - start) * steps + step + 1, epoch + 1, step + 1, loss.item(),
+            values = torch.stack([t.detach() for t in finetune_step(step_fn, opt, xl, ml, xu, weight)]).tolist()
+            check_finite(values[0], epoch + 1, step + 1, out)                 # stop on a non-finite loss
+            sums += values
+            progress.update((epoch - start) * steps + step + 1, epoch + 1, step + 1, values[0],
                             b if xu is None else 2 * b)
         val_dice = validate(model, x_v, m_v, cfg)
         best = save_finetune(out, model, opt, epoch + 1, cfg, best, val_dice)
@@ -947,52 +949,45 @@ def images_per_second(step, images, device, steps):
     return images * steps / (time.perf_counter() - t0)
 
 
+def bare_step(model, opt, x):
+    """The bare model on ready-made images: forward -> mean of the outputs -> backward -> Adam, nothing else."""
+    with autocast(x.device):
+        loss = sum(out.float().mean() for out in model(x))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def bench_pretrain(cfg, device, pool, g):
-    """A full pre-training step (sampling, views, encoder, heads, both losses, backward, Adam) vs a bare
-    encoder+heads forward/backward/Adam on 2B ready-made images of the same shape."""
+    """The training loop's pre-training step (sampling, views, encoder, heads, both losses, backward, Adam, the
+    per-step finiteness check) vs the bare encoder+heads on 2B images of the same shape. Counts slices (B)."""
     b = cfg["batch_size"]
     model = to_device(PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    bare_x = pool[:2 * b].clone()
 
     def full():
-        pretrain_step(model, opt, pool[torch.randint(len(pool), (b,), device=device)], g, cfg)
+        pretrain_step(model, opt, pool[torch.randint(len(pool), (b,), device=device)], g, cfg)["loss"].item()
 
-    def bare():
-        with autocast(device):
-            z, d = model(bare_x)
-            loss = z.float().mean() + d.float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return images_per_second(full, b, device, cfg["steps"]), images_per_second(bare, b, device, cfg["steps"])
+    return (images_per_second(full, b, device, cfg["steps"]),
+            images_per_second(lambda: bare_step(model, opt, pool[:2 * b]), b, device, cfg["steps"]))
 
 
 def bench_finetune(cfg, device, pool, g):
-    """A full fine-tuning step (labeled + unlabeled batch, augmentation, two decoders, Eq. 3, backward, Adam)
-    vs a bare forward/backward/Adam of the same network on the same 2B images."""
+    """The training loop's fine-tuning step (labeled + unlabeled batch, augmentation, two decoders, Eq. 3,
+    backward, Adam, finiteness check) vs the bare network on the same 2B images. Counts images (2B)."""
     b = cfg["batch_size"]
     model = to_device(IDEALSegmenter(4, cfg["depth"], cfg["width"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     masks = (pool[:, 0] * 4).long().clamp(max=3)
-    bare_x = pool[:2 * b].clone()
 
     def full():
         i = torch.randint(len(pool), (2 * b,), device=device)
         xl, ml = augment_pair(pool[i[:b]], masks[i[:b]], g)
         xu, _ = augment_pair(pool[i[b:]], None, g)
-        finetune_step(model, opt, xl, ml, xu, cfg["unlabeled_weight"])
+        finetune_step(model, opt, xl, ml, xu, cfg["unlabeled_weight"])[0].item()
 
-    def bare():
-        with autocast(device):
-            l1, l2 = model(bare_x)
-            loss = l1.float().mean() + l2.float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return images_per_second(full, 2 * b, device, cfg["steps"]), images_per_second(bare, 2 * b, device, cfg["steps"])
+    return (images_per_second(full, 2 * b, device, cfg["steps"]),
+            images_per_second(lambda: bare_step(model, opt, pool[:2 * b]), 2 * b, device, cfg["steps"]))
 
 
 def bench(cfg):
