@@ -10,7 +10,8 @@
 #   DATASET    acdc | mmwhs | own: label fractions and the paper's numbers shown (default: acdc)
 #   PRESET     cpu | paper (default: paper with a GPU, cpu without)
 #   SEEDS      fine-tuning runs per setting; the paper reports the mean of 5 (default: 1)
-#   ROWS       any of: ideal supervised global local same-decoders (default: all; phantom: ideal supervised)
+#   ROWS       any of: ideal supervised global local same-decoders ideal-w1
+#              (default: the first five; phantom: ideal supervised)
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
 #   PRETRAIN_FLAGS, FINETUNE_FLAGS  extra flags for every pretrain / finetune call (e.g. --epochs 50)
@@ -72,7 +73,9 @@ for row in $ROWS; do
     supervised) init=(--no-pretrain --unlabeled-weight 0) ;;
     global | local) encoder=$(pretrained "$row"); init=(--pretrained "$encoder") ;;
     same-decoders) encoder=$(pretrained both); init=(--pretrained "$encoder" --same-decoders) ;;
-    *) echo "run.sh: error: unknown row '$row' (ideal supervised global local same-decoders)" >&2; exit 2 ;;
+    ideal-w1) encoder=$(pretrained both); init=(--pretrained "$encoder" --unlabeled-weight 1 --rampup 0.4) ;;
+    *) echo "run.sh: error: unknown row '$row' (ideal supervised global local same-decoders ideal-w1)" >&2
+       exit 2 ;;
   esac
   for frac in $FRACTIONS; do
     if [ -z "${DATA:-}" ] && [ "$row" = supervised ] && [ "$frac" != "${FRACTIONS%% *}" ]; then
@@ -89,7 +92,7 @@ done
 mkdir -p results
 say "$PY" ideal.py report --runs "$OUT" --out "results/$NAME" --dataset "$DATASET" \
   --title "IDEAL on ${DATA:-the synthetic phantom} ($PRESET preset)" \
-  --command "$(printf '%s ' ${DATA:+DATA=$DATA} PRESET=$PRESET SEEDS=$SEEDS bash run.sh)" \
+  --made-by "${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS' bash run.sh" \
   --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 say "$PY" ideal.py bench --preset "$PRESET" > "results/bench-$PRESET.txt"
 say "$PY" metrics.py --bench > results/metrics-bench.txt

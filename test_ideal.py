@@ -998,7 +998,8 @@ def test_decoders_differ_and_give_input_size():
 
 def test_rampup():
     assert ideal.rampup(0, 100) == pytest.approx(math.exp(-5))
-    assert ideal.rampup(40, 100) == 1.0 and ideal.rampup(99, 100) == 1.0
+    assert ideal.rampup(50, 100) == pytest.approx(math.exp(-1.25)) and ideal.rampup(100, 100) == 1.0
+    assert ideal.rampup(40, 100, fraction=0.4) == 1.0 and ideal.rampup(99, 100, fraction=0.4) == 1.0
     assert ideal.rampup(0, 100, fraction=0) == 1.0
 
 
@@ -1120,8 +1121,8 @@ def test_same_seed_same_numbers(phantom, pretrained, tmp_path):
         (tmp_path / "again" / "log.jsonl").read_text().split("images_per_s")[0]
 
 
-def test_finetune_and_eval_cli(phantom, pretrained, tmp_path):
-    out = tmp_path / "fine"
+def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
+    out = tmp_path / "runs" / "ideal" / "L20" / "seed0"
     rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--pretrained",
                          pretrained / "encoder.pt", "--labeled", "20", "--epochs", "2", "--steps-per-epoch", "3", *TINY)
     assert rc == 0, err
@@ -1140,6 +1141,15 @@ def test_finetune_and_eval_cli(phantom, pretrained, tmp_path):
             pred = nib.load(ev / "pred" / f"{vol.id}.nii.gz")
             assert pred.shape == vol.image.shape and np.allclose(pred.affine, vol.affine)
             assert (ev / "png" / f"{vol.id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, stdout, err = run_cli("ideal.py", "report", "--runs", tmp_path / "runs", "--out", tmp_path / "table",
+                              "--made-by", "pytest", "--commit", "abc")
+    assert rc == 0, err
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["made_by"] == "pytest" and len(table["results"]) == 1
+    row = table["results"][0]
+    assert row["row"] == "ideal" and row["labeled_percent"] == 20.0
+    assert row["dsc"]["mean"] == pytest.approx(summary["mean"]["dsc"]["mean"])
+    assert "| IDEAL" in (tmp_path / "table.md").read_text() and "| 20 |" in stdout
 
 
 def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
