@@ -882,6 +882,7 @@ PAPER_TABLE1 = {
 ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "supervised": "supervised only, random init",
              "global": "global-only pre-training + our fine-tuning", "local": "local-only pre-training + our fine-tuning",
              "same-decoders": "IDEAL with two ConvTranspose decoders",
+             "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning only",
              "ideal-w1": "IDEAL, unlabeled weight 1 reached after 40 % of the steps"}
 METRICS = (("dsc", "DSC"), ("assd", "ASD mm"), ("hd", "HD mm"), ("hd95", "HD95 mm"))
 

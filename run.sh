@@ -10,7 +10,7 @@
 #   DATASET    acdc | mmwhs | own: label fractions and the paper's numbers shown (default: acdc)
 #   PRESET     cpu | paper (default: paper with a GPU, cpu without)
 #   SEEDS      fine-tuning runs per setting; the paper reports the mean of 5 (default: 1)
-#   ROWS       any of: ideal supervised global local same-decoders ideal-w1
+#   ROWS       any of: ideal supervised global local same-decoders pretrained-supervised ideal-w1
 #              (default: the first five; phantom: ideal supervised)
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
@@ -73,8 +73,10 @@ for row in $ROWS; do
     supervised) init=(--no-pretrain --unlabeled-weight 0) ;;
     global | local) encoder=$(pretrained "$row"); init=(--pretrained "$encoder") ;;
     same-decoders) encoder=$(pretrained both); init=(--pretrained "$encoder" --same-decoders) ;;
+    pretrained-supervised) encoder=$(pretrained both); init=(--pretrained "$encoder" --unlabeled-weight 0) ;;
     ideal-w1) encoder=$(pretrained both); init=(--pretrained "$encoder" --unlabeled-weight 1 --rampup 0.4) ;;
-    *) echo "run.sh: error: unknown row '$row' (ideal supervised global local same-decoders ideal-w1)" >&2
+    *) echo "run.sh: error: unknown row '$row' (ideal supervised global local same-decoders" \
+         "pretrained-supervised ideal-w1)" >&2
        exit 2 ;;
   esac
   for frac in $FRACTIONS; do
