@@ -555,7 +555,8 @@ def load_split_volumes(cfg):
 
 def slices_of(volumes, ids, cfg, labels=True):
     """Preprocessed slices of the volumes named in ids: images (N, 1, H, W) float32, labels (N, H, W) long."""
-    chosen = [v for v in volumes if v.id in set(ids)]
+    wanted = set(ids)
+    chosen = [v for v in volumes if v.id in wanted]
     images, masks, _ = data.stack_slices(chosen, cfg["spacing"], cfg["size"])
     x = torch.from_numpy(images)[:, None]
     return (x, torch.from_numpy(masks).long()) if labels else x
@@ -813,7 +814,8 @@ def eval_setup(cfg):
     model = IDEALSegmenter(train_cfg["num_classes"], train_cfg["depth"], train_cfg["width"],
                            train_cfg["same_decoders"])
     load_state(model, ckpt["model"], os.path.join(run, "best.pt"))
-    chosen = [v for v in volumes if v.id in set(split[cfg["split_name"]])]
+    wanted = set(split[cfg["split_name"]])
+    chosen = [v for v in volumes if v.id in wanted]
     return train_cfg, model.to(cfg["device"]), chosen
 
 
@@ -1116,12 +1118,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p = sub.add_parser("bench", parents=[common], help="training-step throughput vs the bare model", **kw)
     p.add_argument("--steps", type=number(int), default=5, help="timed steps")
-    p.add_argument("--unlabeled-weight", type=float, default=0.1, help=argparse.SUPPRESS)
-    p.add_argument("--loss", default="both", help=argparse.SUPPRESS)
-    p.add_argument("--tau", type=float, default=0.1, help=argparse.SUPPRESS)
-    p.add_argument("--lambda-loc", type=float, default=1.0, help=argparse.SUPPRESS)
-    p.add_argument("--negatives", default="same", help=argparse.SUPPRESS)
-    p.add_argument("--proj-dim", type=number(int), help=argparse.SUPPRESS)
+    p.set_defaults(loss="both", tau=0.1, lambda_loc=1.0, negatives="same", proj_dim=None, unlabeled_weight=0.1)
     return parser
 
 

@@ -49,17 +49,18 @@ START=$(date +%s)
 
 say() { echo "+ $*" >&2; "$@"; }
 
-# train KIND FOLDER FLAGS...: pretrain/finetune into FOLDER unless finished; resume a started one.
+# train KIND FOLDER FLAGS...: pretrain/finetune into FOLDER unless finished; resume a started one (the same
+# flags, so that architecture overrides match the checkpoint; the stored configuration wins for the rest).
 train() {
   local kind=$1 dir=$2
   shift 2
   if [ -f "$dir/done.json" ]; then
     echo "= $dir finished, skipped" >&2
-  elif [ -f "$dir/last.pt" ]; then
-    say "$PY" ideal.py "$kind" --out "$dir" --resume "${COMMON[@]}" --quiet
-  else
-    say "$PY" ideal.py "$kind" --out "$dir" "${COMMON[@]}" "$@"
+    return
   fi
+  local resume=()
+  [ -f "$dir/last.pt" ] && resume=(--resume)
+  say "$PY" ideal.py "$kind" --out "$dir" "${resume[@]}" "${COMMON[@]}" "$@"
 }
 
 pretrained() {  # LOSS -> encoder.pt of the pre-training with that loss (run once, seed 0)

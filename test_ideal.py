@@ -1117,7 +1117,7 @@ def test_resume_extends_a_finished_run(phantom, pretrained, tmp_path):
 def test_same_seed_same_numbers(phantom, pretrained, tmp_path):
     rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", tmp_path / "again", "--epochs", "2", *TINY)
     assert rc == 0, err
-    assert (pretrained / "log.jsonl").read_text() .split("images_per_s")[0] == \
+    assert (pretrained / "log.jsonl").read_text().split("images_per_s")[0] == \
         (tmp_path / "again" / "log.jsonl").read_text().split("images_per_s")[0]
 
 
