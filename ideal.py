@@ -353,34 +353,50 @@ class IDEALSegmenter(nn.Module):
         return self.d1(feats), self.d2(feats)        # logits (B, C, H, W) twice
 
 
+IGNORE = -1                                          # pseudo-label of a pixel left out of Eq. 3
+
+
 @torch.no_grad()
-def pseudo_label(logits):
-    """y = one-hot argmax of softmax(logits), as class indices (B, H, W); no gradient flows into it."""
-    return logits.detach().argmax(1)
+def pseudo_label(logits, threshold=0.0):
+    """y = one-hot argmax of softmax(logits) as class indices (B, H, W), detached: no gradient flows into it.
+
+    threshold: pixels whose top probability is below it get IGNORE (default: 0.0, every pixel is kept).
+    """
+    confidence, y = logits.detach().float().softmax(1).max(1)
+    return y.masked_fill(confidence < threshold, IGNORE)
 
 
-def cross_consistency_loss(l1_lab, l2_lab, mask, l1_unl, l2_unl, weight=1.0):
+def cross_consistency_loss(l1_lab, l2_lab, mask, l1_unl, l2_unl, y1, y2, weight=1.0):
     """Eq. 3: CE(p1, m) + CE(p2, m) on labeled slices, weight * (CE(p1, y2) + CE(p2, y1)) on unlabeled ones.
 
     l*_lab: (B_l, C, H, W) logits of D(theta1)/D(theta2) on labeled slices; mask: (B_l, H, W) class indices.
-    l*_unl: (B_u, C, H, W) logits on unlabeled slices; y1, y2 are the detached argmax pseudo-labels.
+    l*_unl: (B_u, C, H, W) logits on unlabeled slices (None: supervised only); y1, y2: (B_u, H, W) the two
+    decoders' pseudo-labels (pseudo_label), IGNORE pixels count as zero in the mean over all B_u H W pixels.
     weight: unlabeled weight at this step (the ramp-up is applied by the caller).
     Returns (loss, supervised term, unsupervised term).
     """
     sup = F.cross_entropy(l1_lab.float(), mask) + F.cross_entropy(l2_lab.float(), mask)
-    if l1_unl.shape[0] == 0:                         # no unlabeled batch: supervised only
+    if l1_unl is None:
         return sup, sup, sup.new_zeros(())
-    y1, y2 = pseudo_label(l1_unl), pseudo_label(l2_unl)
-    unsup = F.cross_entropy(l1_unl.float(), y2) + F.cross_entropy(l2_unl.float(), y1)
+    unsup = (F.cross_entropy(l1_unl.float(), y2, ignore_index=IGNORE, reduction="none").mean() +
+             F.cross_entropy(l2_unl.float(), y1, ignore_index=IGNORE, reduction="none").mean())
     return sup + weight * unsup, sup, unsup
 
 
-def rampup(step, total, fraction=1.0):
-    """Sigmoid ramp-up exp(-5 (1 - t)^2), t = step / (fraction * total), 1 after that (Laine & Aila 2017)."""
+def rampup(step, total, fraction=1.0, start=0.0):
+    """Sigmoid ramp-up exp(-5 (1 - t)^2) (Laine & Aila 2017): 0 before `start` x total steps, then
+    t = (step - start total) / (fraction total), 1 after that; fraction 0 jumps to 1 at the start."""
+    if step < start * total:
+        return 0.0
     if fraction <= 0:
         return 1.0
-    t = min(step / (fraction * total), 1.0)
+    t = min((step - start * total) / (fraction * total), 1.0)
     return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def learning_rate(base, step, total, schedule="constant"):
+    """The learning rate at `step` of `total`: constant, or poly decay base (1 - step/total)^0.9 (SSL4MIS)."""
+    return base if schedule == "constant" else base * (1.0 - step / total) ** 0.9
 
 
 def predict(model, x, mode="mean"):
@@ -506,12 +522,12 @@ def check_finite(loss, epoch, step, out):
                                  f"the last good checkpoint is kept in {out}")
 
 
-def generators(seed, epoch, device):
-    """Per-epoch RNGs (CPU for sampling order, device for augmentation) derived from (seed, epoch), so a
-    resumed run draws exactly what an uninterrupted one would."""
-    g_cpu = torch.Generator().manual_seed(seed * 100003 + epoch)
-    g_dev = torch.Generator(device=device).manual_seed(seed * 100003 + epoch + 7919)
-    return g_cpu, g_dev
+def generators(seed, epoch, device, stream=0):
+    """Per-epoch RNGs (CPU for sampling order, device for augmentation) derived from (seed, epoch, stream), so a
+    resumed run draws exactly what an uninterrupted one would. Fine-tuning draws its labeled batches from
+    stream 0 and its unlabeled ones from stream 1: the labeled sequence is the same with or without them."""
+    base = seed * 100003 + epoch + 1000003 * stream
+    return torch.Generator().manual_seed(base), torch.Generator(device=device).manual_seed(base + 7919)
 
 
 def autocast(device):
@@ -634,17 +650,25 @@ def save_pretrain(out, model, opt, epoch, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # finetune
 # ----------------------------------------------------------------------------------------------------------
-def augment_pair(x, m, g):
-    """Joint augmentation for fine-tuning: x (B, 1, H, W) bilinear, m (B, H, W) nearest (or None).
+def augment_geometry(x, m, g):
+    """Joint geometric augmentation for fine-tuning: x (B, 1, H, W) bilinear, m (B, H, W) nearest (or None).
 
-    Zoom 0.7-1.3, any rotation, flip, shift up to 1/8 of the side, gamma, contrast, brightness and noise: with
-    one labeled volume this generalises far better than light augmentation (README, "Decisions").
+    Zoom 0.7-1.3, any rotation, flip, shift up to 1/8 of the side: with one labeled volume this generalises far
+    better than light augmentation (README, "Decisions").
     """
     theta = random_affine(x.shape[0], g, x.device, scale=(0.7, 1.3), rotate=math.pi, shift=0.25)
-    x = jitter_intensity(warp(x, theta), g, gamma=(0.6, 1.6), contrast=(0.7, 1.3), brightness=0.1, noise=0.05)
-    if m is None:
-        return x, None
-    return x, warp(m[:, None].float(), theta, mode="nearest")[:, 0].long()
+    return warp(x, theta), None if m is None else warp(m[:, None].float(), theta, mode="nearest")[:, 0].long()
+
+
+def augment_intensity(x, g):
+    """Strong intensity augmentation for fine-tuning: gamma, contrast, brightness and noise."""
+    return jitter_intensity(x, g, gamma=(0.6, 1.6), contrast=(0.7, 1.3), brightness=0.1, noise=0.05)
+
+
+def augment_pair(x, m, g):
+    """The fine-tuning augmentation, geometry then intensity: (x, m) -> (view, mask of the view or None)."""
+    x, m = augment_geometry(x, m, g)
+    return augment_intensity(x, g), m
 
 
 def read_pretrained(cfg):
@@ -663,16 +687,50 @@ def load_encoder(encoder, state, path):
     load_state(encoder, state, path)
 
 
-def finetune_step(model, opt, xl, ml, xu, weight):
-    """One step of Eq. 3 on a labeled batch (xl, ml) and an unlabeled batch xu (None: supervised only)."""
+def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0):
+    """One step of Eq. 3 on a labeled batch (xl, ml) and an unlabeled batch xu (None: supervised only).
+
+    forward: "joint", one pass over cat(xl, xu), so BatchNorm normalises both with the statistics of the mix;
+    "separate", one pass each, so the labeled loss sees labeled statistics only.
+    xw: a weak view of xu with the same geometry that makes the pseudo-labels (None: xu's own predictions).
+    threshold: confidence below which a pseudo-labelled pixel is ignored.
+    Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground}.
+    """
     b = xl.shape[0]
     with autocast(xl.device):
-        l1, l2 = model(xl if xu is None else torch.cat([xl, xu]))
-        loss, sup, unsup = cross_consistency_loss(l1[:b], l2[:b], ml, l1[b:], l2[b:], weight)
+        if xu is None:
+            (l1, l2), (u1, u2) = model(xl), (None, None)
+        elif forward == "joint":
+            l1, l2 = model(torch.cat([xl, xu]))
+            (l1, u1), (l2, u2) = l1.split([b, len(xu)]), l2.split([b, len(xu)])
+        else:
+            (l1, l2), (u1, u2) = model(xl), model(xu)
+        y1, y2 = weak_pseudo_labels(model, xw, threshold) if xw is not None else (
+            (pseudo_label(u1, threshold), pseudo_label(u2, threshold)) if u1 is not None else (None, None))
+        loss, sup, unsup = cross_consistency_loss(l1, l2, ml, u1, u2, y1, y2, weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss, sup, unsup
+    fg = sup.new_zeros(()) if y1 is None else ((y1 > 0).float().mean() + (y2 > 0).float().mean()) / 2
+    return {"loss": loss.detach(), "sup": sup.detach(), "unsup": unsup.detach(), "fg": fg}
+
+
+@torch.no_grad()
+def weak_pseudo_labels(model, xw, threshold):
+    """Both decoders' pseudo-labels (y1, y2) on the weak view xw (B_u, 1, H, W), without gradient."""
+    w1, w2 = model(xw)
+    return pseudo_label(w1, threshold), pseudo_label(w2, threshold)
+
+
+def unlabeled_views(x_u, n, g_cpu, g_dev, pseudo="same"):
+    """n random unlabeled slices augmented for Eq. 3: (strong view, weak view or None).
+
+    pseudo: "same", the pseudo-labels come from the strong view itself (weak view None); "weak", from the
+    weak view, the same geometry without the intensity changes.
+    """
+    x = x_u[torch.randint(len(x_u), (n,), generator=g_cpu).to(x_u.device)]
+    xw, _ = augment_geometry(x, None, g_dev)
+    return augment_intensity(xw, g_dev), xw if pseudo == "weak" else None
 
 
 @torch.no_grad()
@@ -728,28 +786,34 @@ def finetune(cfg):
         start_run(cfg, split)
     model = to_device(model, device)
     step_fn = torch.compile(model) if cfg["compile"] else model
-    b, steps, total = cfg["batch_size"], cfg["steps_per_epoch"], cfg["epochs"] * cfg["steps_per_epoch"]
+    b, bu, steps = cfg["batch_size"], cfg["unlabeled_batch"], cfg["steps_per_epoch"]
+    total = cfg["epochs"] * steps
     progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
     for epoch in range(start, cfg["epochs"]):
         g_cpu, g_dev = generators(cfg["seed"], epoch, device)
-        sums = np.zeros(3)
+        gu_cpu, gu_dev = generators(cfg["seed"], epoch, device, stream=1)
+        sums = {}
         for step in range(steps):
-            weight = cfg["unlabeled_weight"] * rampup(epoch * steps + step, total, cfg["rampup"])
+            t = epoch * steps + step
+            lr = learning_rate(cfg["lr"], t, total, cfg["schedule"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            weight = cfg["unlabeled_weight"] * rampup(t, total, cfg["rampup"], cfg["warmup"])
             i_l = torch.randint(len(x_l), (b,), generator=g_cpu).to(device)
             xl, ml = augment_pair(x_l[i_l], m_l[i_l], g_dev)
-            xu = None
-            if cfg["unlabeled_weight"] > 0:
-                xu, _ = augment_pair(x_u[torch.randint(len(x_u), (b,), generator=g_cpu).to(device)], None, g_dev)
-            values = torch.stack([t.detach() for t in finetune_step(step_fn, opt, xl, ml, xu, weight)]).tolist()
-            check_finite(values[0], epoch + 1, step + 1, out)                 # stop on a non-finite loss
-            sums += values
-            progress.update((epoch - start) * steps + step + 1, epoch + 1, step + 1, values[0],
-                            b if xu is None else 2 * b)
+            xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
+                else (None, None)
+            parts = finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"])
+            values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))      # one sync per step
+            check_finite(values["loss"], epoch + 1, step + 1, out)                    # stop on a non-finite loss
+            sums = {k: sums.get(k, 0.0) + v for k, v in values.items()}
+            progress.update((epoch - start) * steps + step + 1, epoch + 1, step + 1, values["loss"],
+                            b if xu is None else b + bu)
         val_dice = validate(model, x_v, m_v, cfg)
         best = save_finetune(out, model, opt, epoch + 1, cfg, best, val_dice)
-        record = dict(zip(("loss", "sup", "unsup"), (sums / steps).round(5).tolist()), epoch=epoch + 1,
-                      val_dice=round(val_dice, 4), best_val_dice=round(best, 4), unlabeled_weight=round(weight, 4),
-                      images_per_s=round(progress.rate(), 1), lr=cfg["lr"])
+        record = {k: round(v / steps, 5) for k, v in sums.items()}
+        record.update(epoch=epoch + 1, val_dice=round(val_dice, 4), best_val_dice=round(best, 4),
+                      unlabeled_weight=round(weight, 5), images_per_s=round(progress.rate(), 1), lr=lr)
         log_epoch(out, record, cfg["quiet"])
     write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best}, os.path.join(out, "done.json"))
     return model
@@ -889,46 +953,62 @@ ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "superv
 METRICS = (("dsc", "DSC"), ("assd", "ASD mm"), ("hd", "HD mm"), ("hd95", "HD95 mm"))
 
 
-def collect(runs):
-    """{row: {fraction: [summary.json of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/eval-test/."""
+def collect(runs, rows=None):
+    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ (eval-test/summary.json
+    and log.jsonl), for the rows named in `rows` (default: every row found), in that order."""
     table = {}
     for path in sorted(glob.glob(os.path.join(runs, "*", "L*", "seed*", "eval-test", "summary.json"))):
         row, frac = path.split(os.sep)[-5:-3]
-        with open(path) as f:
-            table.setdefault(row, {}).setdefault(frac[1:], []).append(json.load(f))
-    order = list(ROW_NAMES)
+        if rows is None or row in rows:
+            with open(path) as f:
+                record = dict(json.load(f), validation=validation_curve(os.path.dirname(os.path.dirname(path))))
+            table.setdefault(row, {}).setdefault(frac[1:], []).append(record)
+    order = rows or list(ROW_NAMES)
     return {row: dict(sorted(table[row].items(), key=lambda kv: float(kv[0])))
             for row in sorted(table, key=lambda r: order.index(r) if r in order else len(order))}
 
 
-def cell(summaries, metric):
-    """mean ± std: over test volumes for one run, over runs (of their means) for several."""
-    if len(summaries) == 1:
-        m = summaries[0]["mean"][metric]
-        return m["mean"], m["std"], f"{m['mean']:.3f} ± {m['std']:.3f}"
-    means = np.array([s["mean"][metric]["mean"] for s in summaries])
-    return float(means.mean()), float(means.std()), f"{means.mean():.3f} ± {means.std():.3f} ({len(means)} runs)"
+def validation_curve(run):
+    """Best validation Dice of a fine-tuning run and its spread (max - min) over the last 10 epochs."""
+    with open(os.path.join(run, "log.jsonl")) as f:
+        dice = [json.loads(line)["val_dice"] for line in f if line.strip()]
+    return {"best": max(dice), "spread": max(dice[-10:]) - min(dice[-10:])}
+
+
+def cell(values):
+    """(mean, std, text) of one value per run; a single run's value comes with its std over test volumes."""
+    if len(values) == 1 and isinstance(values[0], dict):
+        return values[0]["mean"], values[0]["std"], f"{values[0]['mean']:.3f} ± {values[0]['std']:.3f}"
+    means = np.array([v["mean"] if isinstance(v, dict) else v for v in values])
+    return float(means.mean()), float(means.std()), f"{means.mean():.3f} ± {means.std():.3f}"
 
 
 def report(cfg):
-    """results/<name>.md and .json from the eval summaries under --runs, the paper's Table 1 beside IDEAL."""
-    table = collect(cfg["runs"])
+    """results/<name>.md and .json from the runs under --runs: test metrics, validation Dice, and the paper's
+    Table 1 beside IDEAL for the datasets the paper used."""
+    table = collect(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None)
     if not table:
         raise data.DataError(f"{cfg['runs']}: no <row>/L<fraction>/seed<k>/eval-test/summary.json found")
-    paper = PAPER_TABLE1.get(cfg["dataset"], {})
-    lines = [f"# {cfg['title']}", "", f"Made by `{cfg['made_by']}` at commit {cfg['commit']}.",
-             "Test set; per run: mean ± std over test volumes of the per-volume mean over foreground classes; "
-             "distances in mm on the native grid (metrics.py, medpy 0.5.2 convention).", "",
-             "| row | L % | " + " | ".join(name for _, name in METRICS) + " | paper DSC / ASD / HD |",
-             "|---|---|" + "---|" * len(METRICS) + "---|"]
+    paper = PAPER_TABLE1.get(cfg["dataset"])
+    columns = [name for _, name in METRICS] + ["val best", "val spread", "runs"] + (["paper DSC / ASD / HD"] if paper
+                                                                                   else [])
+    lines = [f"# {cfg['title']}", "", f"Made by `{cfg['made_by']}` at commit {cfg['commit']}.", "",
+             "Test set: mean ± std over test volumes of the per-volume mean over foreground classes for one run, "
+             "mean ± std of the runs' means over several; distances in mm on the native grid (metrics.py, medpy "
+             "0.5.2 convention). val best: best validation Dice of a run (the checkpoint evaluated); val spread: "
+             "max - min of its validation Dice over the last 10 epochs (means over runs).", "",
+             "| row | L % | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     results = []
     for row, fractions in table.items():
-        for frac, summaries in fractions.items():
-            cells = {m: cell(summaries, m) for m, _ in METRICS}
-            ref = " / ".join(map(str, paper[frac])) if row == "ideal" and frac in paper else ""
-            lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(c[2] for c in cells.values())
-                         + f" | {ref} |")
-            results.append(dict(row=row, labeled_percent=float(frac), runs=len(summaries),
+        for frac, runs in fractions.items():
+            cells = {m: cell([r["mean"][m] for r in runs]) for m, _ in METRICS}
+            cells.update({f"val_{k}": cell([r["validation"][k] for r in runs]) for k in ("best", "spread")})
+            texts = [c[2] for c in cells.values()][:len(METRICS)] + [f"{cells[f'val_{k}'][0]:.3f}"
+                                                                    for k in ("best", "spread")] + [str(len(runs))]
+            if paper:
+                texts.append(" / ".join(map(str, paper[frac])) if row == "ideal" and frac in paper else "")
+            lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(texts) + " |")
+            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
                                 **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()}))
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
@@ -991,7 +1071,7 @@ def bench_finetune(cfg, device, pool, g):
         i = torch.randint(len(pool), (2 * b,), device=device)
         xl, ml = augment_pair(pool[i[:b]], masks[i[:b]], g)
         xu, _ = augment_pair(pool[i[b:]], None, g)
-        finetune_step(model, opt, xl, ml, xu, cfg["unlabeled_weight"])[0].item()
+        finetune_step(model, opt, xl, ml, xu, None, cfg["unlabeled_weight"], "joint")["loss"].item()
 
     return (images_per_second(full, 2 * b, device, cfg["steps"]),
             images_per_second(lambda: bare_step(model, opt, pool[:2 * b]), 2 * b, device, cfg["steps"]))
@@ -1099,6 +1179,17 @@ def build_parser():
                    help="weight of the unlabeled term of Eq. 3 after ramp-up (0: supervised only)")
     p.add_argument("--rampup", type=number(float, inclusive=True, high=1.0), default=1.0,
                    help="fraction of the steps over which the unlabeled weight ramps up")
+    p.add_argument("--warmup", type=number(float, inclusive=True, high=1.0), default=0.0,
+                   help="fraction of the steps trained on labeled slices only, before the ramp-up starts")
+    p.add_argument("--unlabeled-batch", type=number(int, inclusive=True),
+                   help="unlabeled slices per step (default: --batch-size, 0 when --unlabeled-weight is 0)")
+    p.add_argument("--forward", default="joint", choices=("joint", "separate"),
+                   help="labeled and unlabeled slices in one forward pass (shared BatchNorm statistics) or two")
+    p.add_argument("--pseudo", default="same", choices=("same", "weak"),
+                   help="pseudo-labels from the strongly augmented view itself or from its weak view")
+    p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.0,
+                   help="confidence below which pseudo-labelled pixels are ignored")
+    p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
     p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
     p.add_argument("--predict", default="mean", choices=("mean", "d1", "d2"), help="prediction used for val")
     p.add_argument("--steps-per-epoch", type=number(int), help=preset_help("steps_per_epoch", "steps per epoch"))
@@ -1111,7 +1202,9 @@ def build_parser():
     p = sub.add_parser("report", help="results table from the eval summaries of run.sh's run folders", **kw)
     p.add_argument("--runs", required=True, help="folder with <row>/L<fraction>/seed<k>/eval-test/summary.json")
     p.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
-    p.add_argument("--dataset", default="acdc", help="whose Table 1 numbers to show beside IDEAL")
+    p.add_argument("--dataset", default="acdc", help="whose Table 1 numbers to show beside IDEAL (acdc, mmwhs; "
+                   "any other name shows none)")
+    p.add_argument("--rows", help="the rows to tabulate, space-separated, in this order (default: every row found)")
     p.add_argument("--title", default="IDEAL results", help="heading of the table")
     p.add_argument("--made-by", default="", help="the command that made the runs")
     p.add_argument("--commit", default="", help="the commit that made the runs")
@@ -1139,6 +1232,8 @@ def resolve(args, parser):
         parser.error(f"argument --size: must be a multiple of 32 (the encoder's stride), got {cfg['size']}")
     if args.command == "finetune" and not (cfg["pretrained"] or cfg["no_pretrain"] or cfg["resume"]):
         parser.error("finetune: --pretrained ENCODER.pt is required unless --no-pretrain is given")
+    if args.command == "finetune" and cfg["unlabeled_batch"] is None:
+        cfg["unlabeled_batch"] = cfg["batch_size"] if cfg["unlabeled_weight"] > 0 else 0
     if args.command != "bench":
         note(cfg, f"{args.command}: preset {cfg['preset']} on {cfg['device']}")
     return cfg

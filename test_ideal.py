@@ -964,7 +964,8 @@ def test_cross_consistency_loss_by_hand():
     l1 = torch.tensor([[[[2.0]], [[0.0]]]])                                  # (1, 2, 1, 1): p1 favours class 0
     l2 = torch.tensor([[[[0.0]], [[1.0]]]])                                  # p2 favours class 1
     mask = torch.tensor([[[1]]])
-    loss, sup, unsup = ideal.cross_consistency_loss(l1, l2, mask, l1, l2, weight=0.5)
+    y1, y2 = ideal.pseudo_label(l1), ideal.pseudo_label(l2)
+    loss, sup, unsup = ideal.cross_consistency_loss(l1, l2, mask, l1, l2, y1, y2, weight=0.5)
     ce = lambda z, c: -math.log(math.exp(z[c]) / (math.exp(z[0]) + math.exp(z[1])))
     want_sup = ce([2.0, 0.0], 1) + ce([0.0, 1.0], 1)
     want_unsup = ce([2.0, 0.0], 1) + ce([0.0, 1.0], 0)                       # p1 vs y2 = 1, p2 vs y1 = 0
@@ -973,16 +974,60 @@ def test_cross_consistency_loss_by_hand():
     assert loss.item() == pytest.approx(want_sup + 0.5 * want_unsup)
 
 
+def test_confidence_threshold_ignores_pixels_and_keeps_the_mean_over_all():
+    logits = torch.tensor([[[[3.0, 0.1]], [[0.0, 0.0]]]])                    # (1, 2, 1, 2): confident, unsure
+    y = ideal.pseudo_label(logits, threshold=0.9)
+    assert y.tolist() == [[[0, ideal.IGNORE]]]
+    other = torch.zeros(1, 2, 1, 2)
+    _, _, unsup = ideal.cross_consistency_loss(other, other, torch.zeros(1, 1, 2, dtype=torch.long), other, other,
+                                               y, y)
+    assert unsup.item() == pytest.approx(2 * math.log(2) / 2)               # one pixel of two counts, twice
+
+
 def test_unlabeled_gradients_reach_both_decoders_and_encoder_not_pseudo_labels():
     torch.manual_seed(0)
     model = ideal.IDEALSegmenter(3, depth=10, width=8)
     l1, l2 = model(torch.rand(2, 1, 32, 32))
-    y2 = ideal.pseudo_label(l2)
+    y1, y2 = ideal.pseudo_label(l1), ideal.pseudo_label(l2)
     assert not y2.requires_grad
-    _, _, unsup = ideal.cross_consistency_loss(l1[:0], l2[:0], torch.zeros(0, 32, 32, dtype=torch.long), l1, l2)
+    _, _, unsup = ideal.cross_consistency_loss(l1[:0], l2[:0], torch.zeros(0, 32, 32, dtype=torch.long), l1, l2,
+                                               y1, y2)
     unsup.backward()
     for part in (model.encoder, model.d1, model.d2):
         assert sum(p.grad.abs().sum() for p in part.parameters() if p.grad is not None) > 0
+
+
+def labeled_gradients(forward, with_unlabeled):
+    """Gradients of one fine-tuning step at unlabeled weight 0, with or without an unlabeled batch present."""
+    torch.manual_seed(0)
+    model = ideal.IDEALSegmenter(3, depth=10, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    xl, ml = blob_batch(4, 32, g)
+    xu = torch.rand(4, 1, 32, 32, generator=g) * 3 if with_unlabeled else None
+    parts = ideal.finetune_step(model, opt, xl, ml, xu, None, 0.0, forward)
+    return parts["sup"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_separate_forward_keeps_the_labeled_loss_free_of_the_unlabeled_batch():
+    """The mechanism behind the one-volume collapse (README, "Decisions"): in one joint forward pass BatchNorm
+    normalises the labeled slices with statistics of the labeled + unlabeled mix, so the unlabeled batch changes
+    the labeled loss and its gradients even at weight 0; separate passes leave them exactly as without it."""
+    sup0, grads0 = labeled_gradients("separate", with_unlabeled=False)
+    sup1, grads1 = labeled_gradients("separate", with_unlabeled=True)
+    assert sup1.item() == sup0.item() and grads0.keys() == grads1.keys()
+    assert all(torch.equal(grads0[k], grads1[k]) for k in grads0)
+    sup2, grads2 = labeled_gradients("joint", with_unlabeled=True)
+    assert sup2.item() != pytest.approx(sup0.item(), rel=1e-3)
+    assert not torch.allclose(grads0["encoder.stem.0.weight"], grads2["encoder.stem.0.weight"], rtol=1e-2)
+
+
+def test_unlabeled_stream_does_not_change_the_labeled_batches():
+    """Labeled batches come from RNG stream 0, unlabeled ones from stream 1: E0 and E2 of the ablation see the
+    same labeled sequence."""
+    cpu = torch.device("cpu")
+    draw = lambda stream: torch.rand(4, generator=ideal.generators(3, 5, cpu, stream)[1])
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
 
 
 def test_decoders_differ_and_give_input_size():
@@ -1001,6 +1046,14 @@ def test_rampup():
     assert ideal.rampup(50, 100) == pytest.approx(math.exp(-1.25)) and ideal.rampup(100, 100) == 1.0
     assert ideal.rampup(40, 100, fraction=0.4) == 1.0 and ideal.rampup(99, 100, fraction=0.4) == 1.0
     assert ideal.rampup(0, 100, fraction=0) == 1.0
+    assert ideal.rampup(19, 100, start=0.2) == 0.0 and ideal.rampup(20, 100, start=0.2) == pytest.approx(math.exp(-5))
+    assert ideal.rampup(60, 100, fraction=0.4, start=0.2) == 1.0
+
+
+def test_learning_rate_schedules():
+    assert ideal.learning_rate(0.1, 50, 100, "constant") == 0.1
+    assert ideal.learning_rate(0.1, 0, 100, "poly") == 0.1
+    assert ideal.learning_rate(0.1, 50, 100, "poly") == pytest.approx(0.1 * 0.5 ** 0.9)
 
 
 @pytest.mark.parametrize("depth", [10, 50])
@@ -1043,8 +1096,8 @@ def test_overfitting_a_few_slices_reaches_high_dice():
     model = ideal.IDEALSegmenter(3, depth=10, width=8)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, m = blob_batch(4, 64, g)
-    for _ in range(150):
-        ideal.finetune_step(model, opt, x, m, x, weight=0.5)
+    for i in range(150):                                                     # both pseudo-label sources
+        ideal.finetune_step(model, opt, x, m, x, x if i % 2 else None, weight=0.5, threshold=0.5 * (i % 2))
     model.eval()
     pred = ideal.predict(model, x).argmax(1)
     dice = [2 * ((pred == c) & (m == c)).sum() / ((pred == c).sum() + (m == c).sum()) for c in (1, 2)]
