@@ -29,6 +29,11 @@ Decisions (for the README's "Decisions and deviations"):
   would be undefined). NaN/Inf voxels are replaced by the volume's minimum finite value with a ``DataWarning``
   naming the file (the CLI prints it as one ``warning:`` line on stderr).
 - Image and label must have equal shapes and affines equal within 1e-3 (absolute, per element).
+- Files are read in full: a gzipped file is decompressed to its end, so a CRC32 or length mismatch (one flipped byte)
+  is an error instead of silently different voxels; a header claiming more voxels than the file holds is
+  "truncated". Voxel sizes of the first 3 axes must be finite and positive as stored (nibabel would quietly turn
+  0 into 1 and -2 into 2), the affine finite. nibabel's own log lines and warnings never reach stderr.
+- Info.cfg ``ED:``/``ES:`` must be positive integers (digits only). ``synth`` writes only to a new or empty folder.
 - Spacing is the header's zooms (pixdim), in array axis order; ACDC's sform has unit scale, its pixdim is right.
 - Rounding is round-half-up, exact on the decimal percentage: ``labeled_count(p, n) = max(1, floor(p*n/100 + 1/2))``
   (ACDC 78 train: 1.25% -> 1, 2.5% -> 2, 10% -> 8, 100% -> 78; MMWHS 8 train: 10/20/40/100% -> 1/2/3/8).
@@ -47,8 +52,11 @@ Decisions (for the README's "Decisions and deviations"):
   nearest neighbour (as Chaitanya et al.); the inverse is bilinear on one-hot/probability maps, then argmax.
 """
 import argparse
+import contextlib
 import dataclasses
+import gzip
 import json
+import logging
 import math
 import os
 import re
@@ -145,16 +153,69 @@ def _to_classes(raw: np.ndarray, table: dict[int, int], identity: bool, path) ->
     return np.asarray(classes, np.uint8)[inverse.reshape(raw.shape)]
 
 
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """Keep nibabel's own log lines (logger ``nibabel.global``, e.g. header fixes) and warnings off stderr."""
+    logger = logging.getLogger("nibabel.global")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = disabled
+
+
+def _file_bytes(path) -> bytes:
+    """The bytes of a file, decompressed in full if it is gzipped (which checks every member's CRC32 and length,
+    so a corrupted or cut ``.nii.gz`` raises instead of loading wrong voxels)."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if not gzipped:
+            return f.read()
+        with gzip.GzipFile(fileobj=f) as stream:
+            return stream.read()
+
+
+def _nifti_image(raw: bytes, path) -> nib.Nifti1Image:
+    """NIfTI-1/2 image from the bytes of a file; DataError naming ``path`` for no header, non-finite, zero or
+    negative voxel sizes (first 3 axes, read before nibabel 'fixes' them), a non-finite affine, or fewer data
+    bytes than the header claims."""
+    klass = next((k for k in (nib.Nifti1Image, nib.Nifti2Image)
+                  if k.header_class.may_contain_header(raw[:k.header_class.sizeof_hdr])), None)
+    if klass is None:
+        raise DataError(f"{path}: unreadable or truncated NIfTI (no NIfTI-1 or NIfTI-2 header)")
+    stored = klass.header_class(raw[:klass.header_class.sizeof_hdr], check=False)
+    zooms = stored["pixdim"][1:1 + min(3, max(int(stored["dim"][0]), 1))]
+    if not np.all(np.isfinite(zooms) & (zooms > 0)):
+        raise DataError(f"{path}: voxel sizes {', '.join(f'{z:g}' for z in zooms)} in the header must be finite "
+                        "and positive")
+    img = klass.from_bytes(raw)
+    if not np.isfinite(img.affine).all():
+        raise DataError(f"{path}: the header's affine has non-finite values")
+    proxy = img.dataobj
+    need = proxy.offset + math.prod(proxy.shape) * proxy.dtype.itemsize
+    if len(raw) < need:
+        raise DataError(f"{path}: unreadable or truncated NIfTI (header shape {proxy.shape} needs {need} bytes, "
+                        f"the file holds {len(raw)})")
+    return img
+
+
 def _read_nifti(path, image: bool) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """Read a 3D NIfTI -> (array (X, Y, Z), nibabel image); float32 if ``image`` else the stored dtype.
 
-    Trailing length-1 axes beyond the third are dropped; a 2D array becomes (X, Y, 1).
+    Gzipped files are checked in full (CRC32, length); nibabel prints nothing. Trailing length-1 axes beyond the
+    third are dropped; a 2D array becomes (X, Y, 1).
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
-        img = nib.load(path)
-        data = img.get_fdata(dtype=np.float32, caching="unchanged") if image else np.asarray(img.dataobj)
+        with _quiet_nibabel():
+            img = _nifti_image(_file_bytes(path), path)
+            data = img.get_fdata(dtype=np.float32, caching="unchanged") if image else np.asarray(img.dataobj)
+    except DataError:
+        raise
     except READ_ERRORS as exc:
         raise DataError(f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())})") from None
@@ -177,8 +238,9 @@ def _clean_image(data: np.ndarray, path) -> np.ndarray:
     if bad.any():
         low = data[~bad].min()
         data[bad] = low
-        warnings.warn(f"{path}: replaced {int(bad.sum())} NaN/Inf voxels by the volume's minimum finite value "
-                      f"{low:g}", DataWarning, stacklevel=2)
+        # line 0: Python's default formatter then prints no source line, so the warning stays one line
+        warnings.warn_explicit(f"{path}: replaced {int(bad.sum())} NaN/Inf voxels by the volume's minimum finite "
+                               f"value {low:g}", DataWarning, "data.py", 0)
     if data.min() == data.max():
         raise DataError(f"{path}: constant image (every voxel is {data.min():g}), nothing to segment")
     return data
@@ -238,6 +300,14 @@ def _read_info(folder: Path) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
+def _frame_number(info: dict[str, str], phase: str, folder: Path) -> int:
+    """The ``ED:``/``ES:`` frame number of an Info.cfg (digits only, >= 1); DataError naming the Info.cfg."""
+    text = info.get(phase, "")
+    if not re.fullmatch(r"\d+", text) or int(text) < 1:
+        raise DataError(f"{folder / 'Info.cfg'}: '{phase}: {text}' is not a valid frame number (a positive integer)")
+    return int(text)
+
+
 def _load_acdc(root: Path, frames: str, table, identity) -> list[Volume]:
     """ACDC release layout: the Info.cfg ED and/or ES frame of every patient folder."""
     patients = _acdc_patients(root)
@@ -248,10 +318,7 @@ def _load_acdc(root: Path, frames: str, table, identity) -> list[Volume]:
     for folder in patients:
         info = _read_info(folder)
         for phase in phases:
-            try:
-                number = int(float(info[phase]))
-            except (KeyError, ValueError):
-                raise DataError(f"{folder / 'Info.cfg'}: no valid '{phase}:' frame number") from None
+            number = _frame_number(info, phase, folder)
             stem = folder / f"{folder.name}_frame{number:02d}"
             image, label = Path(f"{stem}.nii.gz"), Path(f"{stem}_gt.nii.gz")
             if not image.is_file():
@@ -768,6 +835,8 @@ def write_phantom(out, n: int = 100, seed: int = 0) -> None:
         raise DataError(f"{out}: need n >= 1 and seed >= 0, got n={n}, seed={seed}")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out}: folder exists and is not empty; the phantom is only written to a new or empty folder")
     for i in range(1, n + 1):
         _write_patient(out / f"patient{i:03d}", np.random.default_rng([seed, i]), ACDC_GROUPS[(i - 1) // 20 % 5])
 
@@ -825,26 +894,47 @@ def describe(root, layout="auto", frames="ed", label_map=None, labeled_percent=1
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+    """Print a warning as one ``warning: MESSAGE`` line on stderr."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line on stderr (exit 2) instead of usage + error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return parse
 
 
 def main(argv=None) -> int:
     """CLI: ``synth --out DIR [--n --seed]`` and ``info DIR [--layout --frames --label-map --labeled --seed]``."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description="IDEAL datasets: synthetic phantom and dataset summary",
-                                     formatter_class=fmt)
+    parser = Parser(description="IDEAL datasets: synthetic phantom and dataset summary", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="write the synthetic phantom in the ACDC layout", formatter_class=fmt)
     synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--n", type=int, default=100, help="number of patients")
-    synth.add_argument("--seed", type=int, default=0, help="random seed")
+    synth.add_argument("--n", type=_int_at_least(1), default=100, help="number of patients")
+    synth.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed")
     info = sub.add_parser("info", help="describe a dataset folder and the split it would make", formatter_class=fmt)
     info.add_argument("root", help="dataset folder")
     info.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS, help="dataset layout")
     info.add_argument("--frames", default="ed", choices=("ed", "es", "both"), help="ACDC frames")
     info.add_argument("--label-map", default=None, help="raw label remapping RAW:CLASS,... e.g. 1:3,3:1")
     info.add_argument("--labeled", type=float, default=10.0, help="labeled percent of the training cases")
-    info.add_argument("--seed", type=int, default=0, help="seed of the labeled subset")
+    info.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the labeled subset")
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("always", DataWarning)

@@ -29,11 +29,21 @@ inequality cannot rule out; the best pairs are recomputed with scipy's formula, 
 sqrt(sum_i ((p_i - q_i) * spacing_i)^2) of a true nearest pair. Search temporaries are blocks of at
 most BLOCK_ELEMENTS elements; beyond them, memory is a few boolean masks of the volume and the box.
 
-API: surface, directed_distances, dice, hd, hd95, assd, evaluate, summarize.
+Clinical indices (ACDC definitions): volume_ml, ejection_fraction, and agreement (Pearson r, bias,
+sd of the differences with ddof=1, limits of agreement bias -/+ 1.96 sd) over a dataset.
+
+The CLI refuses a PRED whose shape, origin or axis directions differ from GT's (AFFINE_TOL); gzipped
+files are read in full, so a CRC32 or length mismatch is an error, not silently wrong voxels.
+
+API: surface, directed_distances, dice, hd, hd95, assd, evaluate, summarize, volume_ml,
+ejection_fraction, agreement.
 CLI: ``python metrics.py PRED.nii.gz GT.nii.gz [--labels 1 2 3]`` and ``python metrics.py --bench``.
 """
 
 import argparse
+import contextlib
+import gzip
+import logging
 import math
 import sys
 import time
@@ -45,6 +55,8 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("dsc", "assd", "hd", "hd95")
+AFFINE_TOL = 1e-3  # largest difference (mm, or unitless direction cosine) accepted between PRED's and GT's pose
+LABEL_MAX = 2**31 - 1  # --labels range: 0..LABEL_MAX
 BALL_SIZE = 4096  # offsets probed around each surface voxel before the brute-force fallback
 BLOCK_ELEMENTS = 1 << 21  # largest temporary array in elements: 16 MiB of float64 or int64
 LEAF_SIZE = 256  # far queries per group sharing one set of candidate targets
@@ -508,6 +520,62 @@ def summarize(rows):
 
 
 # ---------------------------------------------------------------------------------------------
+# Clinical indices (ACDC challenge definitions)
+
+
+def volume_ml(mask, spacing):
+    """Structure volume in ml: voxel count x product of the voxel sizes in mm / 1000.
+
+    mask: binary array (ndim >= 1), e.g. ``labels == 3`` for the ACDC LV cavity; spacing: one voxel
+    size in mm per array axis. Myocardial mass (g) is volume_ml(MYO at ED) x 1.05.
+    """
+    mask = _as_mask(mask, "mask")
+    return float(np.count_nonzero(mask) * np.prod(_as_spacing(spacing, mask.ndim)) / 1000.0)
+
+
+def ejection_fraction(edv, esv):
+    """Ejection fraction in %: 100 x (EDV - ESV) / EDV from the ED and ES volumes of one patient.
+
+    edv, esv: numbers or arrays of one shape (ml); NaN where EDV is 0 or NaN (or ESV is NaN).
+    Returns a Python float for scalars, else a float64 array.
+    """
+    edv, esv = np.asarray(edv, dtype=np.float64), np.asarray(esv, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ef = np.where(edv != 0, 100.0 * (edv - esv) / edv, math.nan)
+    return float(ef) if ef.ndim == 0 else ef
+
+
+def _pearson(x, y):
+    """Pearson correlation of two (n,) float64 arrays; NaN for n < 2 or zero variance in either."""
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    return float(np.clip((dx @ dy) / math.sqrt(float(dx @ dx) * float(dy @ dy)), -1.0, 1.0))
+
+
+def agreement(pred, gt):
+    """Agreement over a dataset of one clinical index (volume, EF, mass): prediction against ground truth.
+
+    pred, gt: 1D sequences of one length, one value per case. Pairs where either value is NaN (e.g. an
+    empty ground truth) are left out and counted. Returns a dict of Python numbers:
+    n (pairs used), n_nan (pairs left out), r (Pearson correlation), bias = mean(pred - gt),
+    sd = standard deviation of the differences pred - gt with ddof=1 (sample std, as Bland-Altman),
+    loa_low, loa_high = bias -/+ 1.96 sd (95% limits of agreement). NaN where undefined: bias with
+    no pair; sd and the limits with fewer than 2 pairs; r with fewer than 2 pairs or zero variance.
+    """
+    pred, gt = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
+    if pred.ndim != 1 or pred.shape != gt.shape:
+        raise ValueError(f"agreement needs two 1D sequences of one length, got shapes {pred.shape} and {gt.shape}")
+    kept = ~(np.isnan(pred) | np.isnan(gt))
+    pred, gt = pred[kept], gt[kept]
+    diff = pred - gt
+    bias = float(diff.mean()) if diff.size else math.nan
+    sd = float(diff.std(ddof=1)) if diff.size >= 2 else math.nan
+    return {"n": int(diff.size), "n_nan": int(kept.size - diff.size), "r": _pearson(pred, gt), "bias": bias,
+            "sd": sd, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
+
+
+# ---------------------------------------------------------------------------------------------
 # Benchmark
 
 
@@ -621,24 +689,81 @@ def _bench(shape, repeats=5):
 # Command line
 
 
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """Keep nibabel's own log lines (logger ``nibabel.global``, e.g. header fixes) and warnings off stderr."""
+    logger = logging.getLogger("nibabel.global")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = disabled
+
+
+def _read_image(path):
+    """nibabel NIfTI-1/2 image of a file read in full (gzip: CRC32 and length checked); ValueError for no header,
+    non-finite, zero or negative voxel sizes (first 3 axes, as stored), a non-finite affine or missing data bytes."""
+    import nibabel as nib
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    klass = next((k for k in (nib.Nifti1Image, nib.Nifti2Image)
+                  if k.header_class.may_contain_header(raw[:k.header_class.sizeof_hdr])), None)
+    if klass is None:
+        raise ValueError("no NIfTI-1 or NIfTI-2 header")
+    stored = klass.header_class(raw[:klass.header_class.sizeof_hdr], check=False)
+    zooms = stored["pixdim"][1 : 1 + min(3, max(int(stored["dim"][0]), 1))]
+    if not np.all(np.isfinite(zooms) & (zooms > 0)):
+        raise ValueError(f"voxel sizes {', '.join(f'{z:g}' for z in zooms)} must be finite and positive")
+    image = klass.from_bytes(raw)
+    proxy = image.dataobj
+    if len(raw) < proxy.offset + math.prod(proxy.shape) * proxy.dtype.itemsize:
+        raise ValueError(f"truncated: header shape {proxy.shape} needs more data than the file holds")
+    if not np.isfinite(image.affine).all():
+        raise ValueError("the header's affine has non-finite values")
+    return image
+
+
 def _load(path):
-    """(labels, zooms) of a NIfTI label volume; ValueError naming the file for any problem."""
+    """(labels, zooms, affine) of a NIfTI label volume; ValueError naming the file for any problem."""
     import nibabel as nib
 
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such file")
     try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
+        with _quiet_nibabel():
+            image = _read_image(path)
+            data = _as_labels(np.asanyarray(image.dataobj), "the volume")
         zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
-        data = _as_labels(data, "the volume")
+        _as_spacing(zooms, data.ndim)
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError,
             nib.spatialimages.HeaderDataError) as err:
         problem = " ".join(str(err).split()) or type(err).__name__
         raise ValueError(f"{path}: cannot read a label volume: {problem}") from None
-    if not all(z > 0 for z in zooms):
-        raise ValueError(f"{path}: voxel sizes must be positive, header has {zooms}")
-    return data, zooms
+    return data, zooms, np.asarray(image.affine, dtype=np.float64)
+
+
+def _pose(affine):
+    """(3, 4) rows of an affine with unit-length axis columns: axis directions and origin (mm), sizes left out."""
+    pose = np.asarray(affine, dtype=np.float64)[:3].copy()
+    norms = np.linalg.norm(pose[:, :3], axis=0)
+    pose[:, :3] /= np.where(norms > 0, norms, 1.0)
+    return pose
+
+
+def _check_geometry(pred, gt, names):
+    """ValueError naming PRED unless (labels, zooms, affine) pred and gt have one shape, origin and axis
+    directions (within AFFINE_TOL); differing voxel sizes are left to the caller's warning."""
+    if pred[0].shape != gt[0].shape:
+        raise ValueError(f"{names[0]}: shape {pred[0].shape} differs from {names[1]}: {gt[0].shape}")
+    gap = float(np.abs(_pose(pred[2]) - _pose(gt[2])).max())
+    if not gap <= AFFINE_TOL:
+        raise ValueError(f"{names[0]}: origin or axis directions differ from those of {names[1]} by {gap:.3g} "
+                         f"(tolerance {AFFINE_TOL:g}); the prediction is not on the ground truth's voxel grid")
 
 
 def _print_table(results):
@@ -649,15 +774,36 @@ def _print_table(results):
         print(f"{name:>6s} {s['dsc']:7.4f} {s['assd']:9.3f} {s['hd']:9.3f} {s['hd95']:9.3f}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line on stderr (exit 2) instead of usage + error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _label_value(text):
+    """argparse type: a class label, an integer 0..LABEL_MAX."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= LABEL_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {LABEL_MAX}, got {text}")
+    return value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    """CLI: ``PRED GT [--labels ...]`` prints the per-class table; ``--bench`` times the metrics."""
+    parser = Parser(
         description="DSC, ASD, HD and HD95 (mm, medpy 0.5.2 convention) of a predicted label "
         "volume against the ground truth, per class.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("pred", nargs="?", help="predicted label volume (NIfTI)")
     parser.add_argument("gt", nargs="?", help="ground-truth label volume (NIfTI); its zooms give the spacing")
-    parser.add_argument("--labels", type=int, nargs="+", help="classes to score (default: nonzero labels in either)")
+    parser.add_argument("--labels", type=_label_value, nargs="+",
+                        help="classes to score (default: nonzero labels in either)")
     parser.add_argument("--bench", action="store_true", help="time the metrics on a synthetic 16x256x256 volume")
     parser.add_argument("--bench-shape", type=int, nargs=3, default=(16, 256, 256), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -669,17 +815,15 @@ def main(argv=None):
     if args.pred is None or args.gt is None:
         parser.error("PRED and GT are required (or --bench)")
     try:
-        pred, pred_zooms = _load(args.pred)
-        gt, zooms = _load(args.gt)
-        if pred.shape != gt.shape:
-            raise ValueError(f"{args.pred}: shape {pred.shape} differs from {args.gt}: {gt.shape}")
+        pred, gt = _load(args.pred), _load(args.gt)
+        _check_geometry(pred, gt, (args.pred, args.gt))
     except ValueError as err:
         print(f"metrics.py: error: {err}", file=sys.stderr)
         return 2
-    if not np.allclose(pred_zooms, zooms, rtol=1e-3):
-        print(f"metrics.py: warning: {args.pred}: voxel sizes {pred_zooms} differ from the ground "
-              f"truth's {zooms}; using the ground truth's", file=sys.stderr)
-    _print_table(evaluate(pred, gt, zooms, args.labels))
+    if not np.allclose(pred[1], gt[1], rtol=1e-3):
+        print(f"metrics.py: warning: {args.pred}: voxel sizes {pred[1]} differ from the ground "
+              f"truth's {gt[1]}; using the ground truth's", file=sys.stderr)
+    _print_table(evaluate(pred[0], gt[0], gt[1], args.labels))
     return 0
 
 

@@ -3,12 +3,16 @@ inverse, the phantom and bad input; metrics.py against hand-computed cases, naiv
 ideal.py losses against naive loops, exact view correspondence, Eq. 3 by hand, gradient flow, short training runs
 and the command lines on a tiny phantom. Tests that need ../shared/data skip with a reason when it is absent."""
 import gzip
+import io
 import itertools
 import json
 import math
+import struct
 import subprocess
 import sys
 import time
+import warnings
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -1280,3 +1284,289 @@ def test_non_finite_loss_stops_with_epoch_and_step(phantom, pretrained, tmp_path
                          "--tau", "1e-30", *TINY)
     assert rc == 1 and "non-finite loss at epoch 1 step" in err and "Traceback" not in err
     assert not (out / "last.pt").exists()
+
+
+# ==========================================================================================================
+# Hardening of data.py and metrics.py (bad input found by an adversarial campaign) and the clinical indices
+# ==========================================================================================================
+PIXDIM1, DIM1 = 80, 42  # byte offsets in a NIfTI-1 header: pixdim[1] (float32), dim[1] (int16)
+
+
+def one_error_line(result, *words):
+    """Assert exit 2, no stdout, and exactly one stderr line holding every word; returns that line."""
+    rc, out, err = result
+    lines = err.splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1, err
+    assert all(word in lines[0] for word in words), (words, lines[0])
+    return lines[0]
+
+
+def nii_affine(path, array, affine=None):
+    """Write array as NIfTI (gzipped for .nii.gz) with affine (default: 1.5 x 1.5 x 8 mm voxels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([1.5, 1.5, 8.0, 1.0]) if affine is None else affine
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return path
+
+
+def random_labels(shape=SHAPE, seed=0):
+    return np.random.default_rng(seed).integers(0, 4, shape).astype(np.uint8)
+
+
+def acdc_patient_info(root, ed="1", es="2", image=None):
+    """An ACDC patient001 folder (labeled frames 01 and 02) with the given Info.cfg ED/ES text."""
+    folder = root / "patient001"
+    for number in (1, 2):
+        nii_affine(folder / f"patient001_frame{number:02d}.nii.gz", noise() if image is None else image)
+        nii_affine(folder / f"patient001_frame{number:02d}_gt.nii.gz", random_labels())
+    (folder / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: NOR\n")
+    return folder
+
+
+def patch_header(path, fmt, offset, value):
+    """Overwrite one header field in place (a valid gzip stream is rewritten for .nii.gz)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into(fmt, raw, offset, value)
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
+
+
+def lazy_read(blob, size):
+    """The first size bytes of a gzip blob read as nibabel does (no CRC32/length check); None if that fails."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(blob)) as stream:
+            return stream.read(size)
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def flip_silently(path):
+    """Flip one byte of the compressed stream of a .nii.gz so that a lazy reader (nibabel) still gets every byte,
+    but different ones; only the gzip CRC32 check can tell."""
+    blob = path.read_bytes()
+    original = gzip.decompress(blob)
+    for pos in range(len(blob) // 2, len(blob) - 8):
+        flipped = blob[:pos] + bytes([blob[pos] ^ 0x10]) + blob[pos + 1:]
+        got = lazy_read(flipped, len(original))
+        if got is not None and len(got) == len(original) and got != original:
+            path.write_bytes(flipped)
+            return path
+    raise AssertionError(f"{path}: no silent flip found")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. synth never overwrites an existing dataset
+# ----------------------------------------------------------------------------------------------------------
+def test_synth_refuses_a_non_empty_folder(tmp_path):
+    out = tmp_path / "dataset"
+    marker = out / "patient001" / "Info.cfg"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("ED: 1\nES: 9\n")
+    before = sorted(tmp_path.rglob("*"))
+    one_error_line(run_cli("data.py", "synth", "--out", out, "--n", 1), str(out), "not empty")
+    with pytest.raises(DataError, match="not empty"):
+        data.write_phantom(out, n=1)
+    assert sorted(tmp_path.rglob("*")) == before and marker.read_text() == "ED: 1\nES: 9\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. gzip CRC32 and length are checked; uncompressed .nii still works
+# ----------------------------------------------------------------------------------------------------------
+def test_flipped_byte_in_gzip_is_an_error_in_data(tmp_path):
+    path = flip_silently(nii_affine(tmp_path / "img.nii.gz", noise()))
+    with pytest.raises(DataError, match="unreadable or truncated") as err:
+        data._read_nifti(path, image=True)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flipped_byte_in_gzip_is_an_error_in_metrics(tmp_path):
+    gt = nii_affine(tmp_path / "gt.nii.gz", random_labels((16, 16, 4)))
+    pred = flip_silently(nii_affine(tmp_path / "pred.nii.gz", random_labels((16, 16, 4))))
+    one_error_line(run_cli("metrics.py", pred, gt), "metrics.py: error:", str(pred), "CRC")
+
+
+def test_gzip_trailer_length_is_checked(tmp_path):
+    path = nii_affine(tmp_path / "img.nii.gz", noise())
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0x01  # ISIZE, the stored uncompressed length; the voxels themselves are intact
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="unreadable or truncated"):
+        data._read_nifti(path, image=True)
+
+
+def test_uncompressed_nii_still_reads(tmp_path):
+    nii_affine(tmp_path / "imagesTr" / "a.nii", noise())
+    gt = nii_affine(tmp_path / "labelsTr" / "a.nii", random_labels())
+    _, (vol,) = data.load_volumes(tmp_path)
+    np.testing.assert_array_equal(vol.image, noise())
+    np.testing.assert_array_equal(vol.label, random_labels())
+    rc, out, err = run_cli("metrics.py", gt, gt)
+    assert rc == 0 and err == "" and out.splitlines()[1].split()[1] == "1.0000"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. voxel sizes must be finite and positive as stored; nibabel prints nothing
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf, 0.0, -2.0])
+def test_bad_voxel_size_is_refused_by_data(tmp_path, value):
+    folder = acdc_patient_info(tmp_path)
+    path = patch_header(folder / "patient001_frame01.nii.gz", "<f", PIXDIM1, value)
+    with pytest.raises(DataError, match="voxel sizes") as err:
+        data.load_volumes(tmp_path)
+    assert str(path) in str(err.value)
+    if value in (0.0, -2.0):  # the ones nibabel would 'fix' and log
+        line = one_error_line(run_cli("data.py", "info", tmp_path), str(path), "finite and positive")
+        assert line.startswith("error: ")
+
+
+@pytest.mark.parametrize("value", [math.inf, 0.0])
+def test_bad_voxel_size_is_refused_by_metrics(tmp_path, value):
+    pred = nii_affine(tmp_path / "pred.nii.gz", random_labels())
+    gt = patch_header(nii_affine(tmp_path / "gt.nii.gz", random_labels()), "<f", PIXDIM1, value)
+    one_error_line(run_cli("metrics.py", pred, gt), str(gt), "voxel sizes")
+
+
+def test_nibabel_header_fixes_print_nothing(tmp_path):
+    image = nii_affine(tmp_path / "imagesTr" / "a.nii.gz", noise((8, 8)))  # 2D: pixdim[3] is no voxel size of it
+    label = nii_affine(tmp_path / "labelsTr" / "a.nii.gz", random_labels((8, 8)))
+    for path in (image, label):
+        patch_header(path, "<f", PIXDIM1 + 8, 0.0)  # nibabel logs "pixdim[1,2,3] should be non-zero"
+    rc, out, err = run_cli("data.py", "info", tmp_path)
+    assert rc == 0 and "shape:    8-8 x 8-8 x 1-1" in out and err == ""
+    rc, out, err = run_cli("metrics.py", label, label)
+    assert rc == 0 and err == ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. a header that claims more voxels than the file holds
+# ----------------------------------------------------------------------------------------------------------
+def test_header_claiming_too_many_voxels_is_truncated(tmp_path):
+    path = nii_affine(tmp_path / "img.nii.gz", noise())
+    for axis in range(3):
+        patch_header(path, "<h", DIM1 + 2 * axis, 32767)
+    with pytest.raises(DataError, match="truncated") as err:
+        data._read_nifti(path, image=True)
+    assert str(path) in str(err.value)
+    one_error_line(run_cli("metrics.py", path, path), str(path), "truncated")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. metrics.py refuses a prediction on another voxel grid
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, affine", [
+    ("shifted 50 mm", np.array([[1.5, 0, 0, 50], [0, 1.5, 0, 0], [0, 0, 8, 0], [0, 0, 0, 1.0]])),
+    ("mirrored", np.diag([-1.5, 1.5, 8.0, 1.0])),
+    ("swapped axes", np.array([[0, 1.5, 0, 0], [1.5, 0, 0, 0], [0, 0, 8, 0], [0, 0, 0, 1.0]])),
+])
+def test_metrics_refuses_another_affine(tmp_path, name, affine):
+    gt = nii_affine(tmp_path / "gt.nii.gz", random_labels())
+    pred = nii_affine(tmp_path / "pred.nii.gz", random_labels(), affine)
+    one_error_line(run_cli("metrics.py", pred, gt), str(pred), "origin or axis directions")
+
+
+def test_metrics_geometry_check_tolerance_and_shape():
+    lab = random_labels()
+    base = np.diag([1.5, 1.5, 8.0, 1.0])
+    nudged = base.copy()
+    nudged[0, 3] = 1e-5
+    metrics._check_geometry((lab, (1.5, 1.5, 8.0), nudged), (lab, (1.5, 1.5, 8.0), base), ("p", "g"))
+    coarse = np.diag([3.0, 1.5, 8.0, 1.0])  # other voxel size only: the CLI warns and uses the ground truth's
+    metrics._check_geometry((lab, (3.0, 1.5, 8.0), coarse), (lab, (1.5, 1.5, 8.0), base), ("p", "g"))
+    with pytest.raises(ValueError, match="p: shape"):
+        metrics._check_geometry((lab[:4], (1.5,) * 3, base), (lab, (1.5,) * 3, base), ("p", "g"))
+    nan = base.copy()
+    nan[0, 3] = math.nan
+    with pytest.raises(ValueError, match="origin"):
+        metrics._check_geometry((lab, (1.5,) * 3, nan), (lab, (1.5,) * 3, base), ("p", "g"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. malformed values
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ed", ["inf", "1.5", "-1", "abc", "0", ""])
+def test_bad_info_cfg_frame_number(tmp_path, ed):
+    folder = acdc_patient_info(tmp_path, ed=ed)
+    with pytest.raises(DataError, match="not a valid frame number") as err:
+        data.load_volumes(tmp_path)
+    assert str(folder / "Info.cfg") in str(err.value)
+    if ed == "inf":
+        one_error_line(run_cli("data.py", "info", tmp_path), str(folder / "Info.cfg"), "'ED: inf'")
+
+
+def test_bad_numbers_on_the_command_lines(tmp_path):
+    one_error_line(run_cli("data.py", "info", tmp_path, "--seed", "-1"), "data.py info: error:", "--seed", "-1")
+    one_error_line(run_cli("data.py", "synth", "--out", tmp_path / "x", "--n", "0"), "data.py synth: error:", "--n")
+    one_error_line(run_cli("metrics.py", "a", "b", "--labels", "99999999999999999999999"),
+                   "metrics.py: error:", "--labels")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. one line on stderr for bad options and for the NaN-voxel warning
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script, args, prog", [
+    ("data.py", ["info", ".", "--bogus"], "data.py"),
+    ("data.py", [], "data.py"),
+    ("data.py", ["synth"], "data.py synth"),
+    ("data.py", ["info", ".", "--layout", "nope"], "data.py info"),
+    ("metrics.py", ["--labels", "x"], "metrics.py"),
+    ("metrics.py", [], "metrics.py"),
+])
+def test_bad_option_is_one_line(script, args, prog):
+    one_error_line(run_cli(script, *args), f"{prog}: error: ")
+
+
+def test_nan_voxel_warning_is_one_line_in_default_format(tmp_path):
+    image = noise()
+    image[0, 0, 0] = math.nan
+    path = acdc_patient_info(tmp_path, image=image) / "patient001_frame01.nii.gz"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        data.load_volumes(tmp_path)
+    (w,) = record
+    text = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+    assert text.count("\n") == 1 and "DataWarning" in text and str(path) in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# B. clinical indices
+# ----------------------------------------------------------------------------------------------------------
+def test_volume_ml_of_a_box():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:5, 1:5, 3:8] = True  # 3 x 4 x 5 = 60 voxels of 1.5 x 1.25 x 8 mm = 15 mm^3
+    assert metrics.volume_ml(mask, (1.5, 1.25, 8.0)) == 0.9
+    assert metrics.volume_ml(np.zeros((2, 2), bool), (1.0, 1.0)) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        metrics.volume_ml(mask, (1.5, 0.0, 8.0))
+
+
+def test_ejection_fraction():
+    assert metrics.ejection_fraction(150.0, 60.0) == 60.0
+    assert math.isnan(metrics.ejection_fraction(0.0, 0.0))
+    assert math.isnan(metrics.ejection_fraction(math.nan, 10.0))
+    np.testing.assert_array_equal(metrics.ejection_fraction([100.0, 0.0], [25.0, 5.0]), [75.0, math.nan])
+
+
+def test_agreement_by_hand():
+    pred = [10.0, 20.0, 30.0, 7.0, math.nan]
+    gt = [12.0, 18.0, 33.0, math.nan, 5.0]
+    got = metrics.agreement(pred, gt)
+    # used pairs: differences -2, 2, -3 -> bias -1; deviations -1, 3, -2 -> sd = sqrt(14 / 2)
+    # r: dp = -10, 0, 10; dg = -9, -3, 12 -> 210 / sqrt(200 * 234)
+    sd = math.sqrt(7.0)
+    assert (got["n"], got["n_nan"]) == (3, 2)
+    assert got["bias"] == pytest.approx(-1.0) and got["sd"] == pytest.approx(sd)
+    assert got["loa_low"] == pytest.approx(-1 - 1.96 * sd) and got["loa_high"] == pytest.approx(-1 + 1.96 * sd)
+    assert got["r"] == pytest.approx(210 / math.sqrt(200 * 234))
+
+
+def test_agreement_undefined_cases():
+    one = metrics.agreement([5.0, math.nan], [4.0, 1.0])
+    assert (one["n"], one["n_nan"], one["bias"]) == (1, 1, 1.0)
+    assert all(math.isnan(one[k]) for k in ("r", "sd", "loa_low", "loa_high"))
+    flat = metrics.agreement([3.0, 3.0, 3.0], [1.0, 2.0, 4.0])
+    assert math.isnan(flat["r"]) and flat["n"] == 3
+    none = metrics.agreement([math.nan], [math.nan])
+    assert none["n"] == 0 and none["n_nan"] == 1 and math.isnan(none["bias"])
+    with pytest.raises(ValueError, match="one length"):
+        metrics.agreement([1.0, 2.0], [1.0])
