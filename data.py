@@ -202,12 +202,9 @@ def _nifti_image(raw: bytes, path) -> nib.Nifti1Image:
     return img
 
 
-def _read_nifti(path, image: bool) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
-    """Read a 3D NIfTI -> (array (X, Y, Z), nibabel image); float32 if ``image`` else the stored dtype.
-
-    Gzipped files are checked in full (CRC32, length); nibabel prints nothing. Trailing length-1 axes beyond the
-    third are dropped; a 2D array becomes (X, Y, 1).
-    """
+def _read_array(path, image: bool) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    """Read a NIfTI of any dimension -> (array as stored, nibabel image); float32 if ``image`` else the stored
+    dtype. Gzipped files are checked in full (CRC32, length); nibabel prints nothing; zero-size is an error."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
@@ -221,6 +218,16 @@ def _read_nifti(path, image: bool) -> tuple[np.ndarray, nib.spatialimages.Spatia
                         f"{' '.join(str(exc).split())})") from None
     if 0 in img.shape:
         raise DataError(f"{path}: empty volume of shape {img.shape}")
+    return data, img
+
+
+def _read_nifti(path, image: bool) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    """Read a 3D NIfTI -> (array (X, Y, Z), nibabel image); float32 if ``image`` else the stored dtype.
+
+    Gzipped files are checked in full (CRC32, length); nibabel prints nothing. Trailing length-1 axes beyond the
+    third are dropped; a 2D array becomes (X, Y, 1).
+    """
+    data, img = _read_array(path, image)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 2:
@@ -412,6 +419,35 @@ def num_classes(layout: str, volumes) -> int:
     return max([2] + [int(v.label.max()) + 1 for v in volumes if v.label is not None])
 
 
+def read_scan(path, warn: bool = True) -> tuple[list[Volume], nib.spatialimages.SpatialImage]:
+    """A 3D (X, Y, Z) or 4D cine (X, Y, Z, T) NIfTI image to segment -> (one unlabeled Volume per frame, the
+    nibabel image whose header the outputs copy).
+
+    The dataset readers' checks: readable, gzip CRC32 and length, finite positive voxel sizes, a finite affine,
+    some finite voxel, not constant (NaN/Inf voxels replaced with a DataWarning). Trailing length-1 axes beyond
+    the third are dropped and a 2D image is one slice, so the frames' voxels reshape back to ``img.shape``.
+    Volume ids: the file name without .nii/.nii.gz, ``NAME_tK`` for frame K of a 4D image. ``warn=False`` keeps
+    the NaN/Inf warning quiet (a second read of a file already checked).
+    """
+    image, img = _read_array(path, image=True)
+    while image.ndim > 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim not in (3, 4):
+        raise DataError(f"{path}: {len(img.shape)}D image of shape {img.shape} where 3D or 4D is expected")
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", DataWarning)
+        frames = _clean_image(image, path).reshape(*image.shape[:3], -1)
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    spacing = tuple(zooms + [1.0] * (3 - len(zooms)))
+    name, affine = _stem(Path(path)), np.asarray(img.affine, np.float64)
+    ids = [name] if frames.shape[3] == 1 else [f"{name}_t{t}" for t in range(frames.shape[3])]
+    return [Volume(vid, np.ascontiguousarray(frames[..., t]), None, affine, img.header, spacing, str(path))
+            for t, vid in enumerate(ids)], img
+
+
 # ------------------------------------------------------------------------------------------------ splits
 
 
@@ -519,6 +555,26 @@ def load_split(path, volumes=None) -> dict:
         raise DataError(f"{path}: unreadable split file ({' '.join(str(exc).split())})") from None
     _check_split(split, path, volumes)
     return split
+
+
+def _case_of(vid: str) -> str:
+    """The ACDC patient of a volume id: ``patient001_ED`` -> ``patient001`` (ids of --frames ed|es are the patient)."""
+    return vid.removesuffix("_ED").removesuffix("_ES")
+
+
+def select(volumes, ids, where) -> list[Volume]:
+    """The volumes that a split list names, in ``volumes`` order: by id, and ACDC frames (``Volume.frame`` set) also
+    by patient, so a split made with one --frames setting selects the same patients' frames under another
+    (``patient007`` -> ``patient007_ED`` and ``_ES`` under ``both``, and back). DataError naming ``where`` for an id
+    that matches no volume."""
+    wanted = set(ids)
+    cases = {_case_of(i) for i in ids}
+    chosen = [v for v in volumes if v.id in wanted or (v.frame and v.case in cases)]
+    found = {v.id for v in chosen} | {v.case for v in chosen if v.frame}
+    missing = [i for i in ids if i not in found and _case_of(i) not in found]
+    if missing:
+        raise DataError(f"{where}: ids not among the volumes: {', '.join(missing[:10])}")
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------- preprocessing
@@ -631,6 +687,33 @@ def save_label_nifti(labels: np.ndarray, vol: Volume, path) -> None:
     img = nib.Nifti1Image(labels.astype(np.uint8), vol.affine, header)
     img.header.set_slope_inter(None, None)
     nib.save(img, str(path))
+
+
+def native_probabilities(probs: np.ndarray, vol: Volume, spacing: float = 1.367, size: int = 192) -> np.ndarray:
+    """Per-slice class probabilities (Z, C, size, size) on the preprocessed grid -> float32 (X, Y, Z, C) on the
+    native grid of ``vol``, sampled exactly as ``to_native`` samples them (outside the crop: background 1, other
+    classes 0), so their argmax over C (ties -> lowest class) is ``to_native``'s labels."""
+    (nx, ny, nz), (sx, sy, _) = vol.image.shape, vol.spacing
+    if probs.ndim != 4 or (probs.shape[0], *probs.shape[2:]) != (nz, size, size):
+        raise DataError(f"{vol.path}: native_probabilities expects ({nz}, C, {size}, {size}), got {probs.shape}")
+    x, y = grid(nx, size, sx / spacing), grid(ny, size, sy / spacing)
+    out = np.empty((nx, ny, nz, probs.shape[1]), np.float32)
+    for c in range(probs.shape[1]):
+        fill = 1.0 if c == 0 else 0.0
+        out[..., c] = (_linear(_linear(probs[:, c].astype(np.float32) - fill, 1, x), 2, y) + fill).transpose(1, 2, 0)
+    return out
+
+
+def save_like(array: np.ndarray, img, path) -> None:
+    """Write ``array`` (its own shape and dtype, no intensity scaling) with the header of the nibabel image ``img``:
+    affine, qform and sform with their codes, voxel sizes and units kept; NIfTI-1 or -2 as ``img``; gzipped if
+    ``path`` ends in .gz. The caller chooses ``path`` (write to a temporary name and os.replace for atomicity)."""
+    header = img.header.copy()
+    header.set_data_dtype(array.dtype)
+    out = type(img)(array, None, header)
+    out.header.set_slope_inter(None, None)
+    with _quiet_nibabel():
+        nib.save(out, str(path))
 
 
 # ------------------------------------------------------------------------------------------------ phantom

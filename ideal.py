@@ -851,7 +851,8 @@ def write_png(path, rgb):
 
 
 def overlay_png(path, vol, pred, n_slices=3):
-    """Image | ground truth | prediction for a few mid slices of a native volume (like the paper's Fig. 3)."""
+    """Image | ground truth | prediction for a few mid slices of a native volume (like the paper's Fig. 3); image |
+    prediction when vol has no label. vol.image (X, Y, Z), pred (X, Y, Z) class indices."""
     z = vol.image.shape[2]
     rows = []
     for k in np.linspace(z * 0.3, z * 0.7, n_slices).astype(int):
@@ -859,61 +860,172 @@ def overlay_png(path, vol, pred, n_slices=3):
         img = (img - img.min()) / max(float(np.ptp(img)), 1e-6) * 255
         grey = np.repeat(img[..., None], 3, -1)
         panels = [grey]
-        for lab in (vol.label, pred):
-            lab_k = np.zeros_like(img, dtype=int) if lab is None else lab[:, :, k].T.astype(int)
+        for lab in ([] if vol.label is None else [vol.label]) + [pred]:
+            lab_k = lab[:, :, k].T.astype(int)
             alpha = (lab_k > 0)[..., None] * 0.5
             panels.append(grey * (1 - alpha) + COLOURS[lab_k % len(COLOURS)] * alpha)
         rows.append(np.concatenate(panels, 1))
     write_png(path, np.concatenate(rows, 0).clip(0, 255).astype(np.uint8))
 
 
-def eval_setup(cfg):
-    """The fine-tuning run's config and best weights, its volumes and the ids of the split to evaluate."""
-    run = cfg["run"]
-    ckpt = load_checkpoint(os.path.join(run, "best.pt"), ("model", "config"))
-    train_cfg = ckpt["config"]
-    root = cfg["data"] or train_cfg["data"] or resolve_data(train_cfg)
-    layout, volumes = data.load_volumes(root, train_cfg["layout"], train_cfg["frames"], train_cfg["label_map"])
-    split = data.load_split(os.path.join(run, "split.json"), volumes)
-    model = IDEALSegmenter(train_cfg["num_classes"], train_cfg["depth"], train_cfg["width"],
-                           train_cfg["same_decoders"])
-    load_state(model, ckpt["model"], os.path.join(run, "best.pt"))
-    wanted = set(split[cfg["split_name"]])
-    chosen = [v for v in volumes if v.id in wanted]
-    return train_cfg, model.to(cfg["device"]), chosen
+class Stopwatch:
+    """Wall time per stage: `with watch("network"): ...` adds the block's seconds to watch.seconds["network"]."""
+
+    def __init__(self):
+        self.seconds, self.stage, self.t0 = {}, None, 0.0
+
+    def __call__(self, stage):
+        self.stage = stage
+        return self
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + time.perf_counter() - self.t0
+
+
+# What eval and predict read from best.pt's config: a run folder alone is enough to segment.
+RUN_KEYS = ("depth", "width", "size", "spacing", "num_classes", "class_names", "predict", "batch_size",
+            "same_decoders")
+
+
+def load_run(run, device):
+    """(training config, IDEALSegmenter with the run's best.pt weights on device), from the run folder alone."""
+    path = os.path.join(run, "best.pt")
+    ckpt = load_checkpoint(path, ("model", "config"))
+    run_cfg = ckpt["config"]
+    missing = [k for k in RUN_KEYS if not isinstance(run_cfg, dict) or k not in run_cfg]
+    if missing:
+        raise data.DataError(f"{path}: its config lacks {', '.join(missing)} (not a fine-tuning checkpoint)")
+    model = IDEALSegmenter(run_cfg["num_classes"], run_cfg["depth"], run_cfg["width"], run_cfg["same_decoders"])
+    load_state(model, ckpt["model"], path)
+    return run_cfg, to_device(model, torch.device(device))
+
+
+def segment(model, vols, run_cfg, mode, batch_size, watch, probabilities=False):
+    """Labels (X, Y, Z) uint8 on each volume's native grid and, with `probabilities`, class probabilities
+    (X, Y, Z, C) float32 (else None). The slices of all vols go through the network in shared batches of
+    batch_size (a cine's frames together); watch (Stopwatch) gets the preprocess, network and inverse seconds."""
+    spacing, size = run_cfg["spacing"], run_cfg["size"]
+    with watch("preprocess"):
+        images = [data.preprocess(v, spacing, size)[0] for v in vols]
+        x = torch.from_numpy(np.concatenate(images))[:, None]
+    with watch("network"):
+        probs = predict_slices(model, x, mode, batch_size).numpy()
+    with watch("inverse"):
+        parts = np.split(probs, np.cumsum([len(i) for i in images])[:-1])
+        labels = [data.to_native(p, v, spacing, size) for p, v in zip(parts, vols)]
+        native = [data.native_probabilities(p, v, spacing, size) for p, v in zip(parts, vols)] \
+            if probabilities else None
+    return labels, native
+
+
+def eval_setup(cfg, run_cfg):
+    """(data folder, layout, volumes to score, results folder). --split test|val|train: the run's split.json (ACDC
+    by patient, whatever --frames) into RUN/eval-SPLIT, RUN/eval-SPLIT-FRAMES when --frames differs from the run's;
+    --split all: every labeled volume into RUN/eval-<data folder name>-all. --layout, --frames and --label-map
+    default to the run's; a ground-truth class the run does not predict is an error."""
+    opts = {k: run_cfg[k] if cfg[k] is None else cfg[k] for k in ("layout", "frames", "label_map")}
+    root = cfg["data"] or run_cfg["data"] or resolve_data(run_cfg)
+    layout, volumes = data.load_volumes(root, **opts)
+    name = cfg["split_name"]
+    if name == "all":
+        chosen = [v for v in volumes if v.label is not None]
+        folder = f"eval-{os.path.basename(os.path.abspath(root))}-all"
+    else:
+        split_file = os.path.join(cfg["run"], "split.json")
+        chosen = [v for v in data.select(volumes, data.load_split(split_file)[name], split_file) if v.label is not None]
+        other_frames = layout == "acdc" and opts["frames"] != run_cfg["frames"]
+        folder = f"eval-{name}" + (f"-{opts['frames']}" if other_frames else "")
+    if not chosen:
+        raise data.DataError(f"{root}: no labeled volume in split {name!r} to evaluate")
+    for vol in chosen:
+        if vol.label.max() >= run_cfg["num_classes"]:
+            raise data.DataError(f"{vol.path}: the ground truth of this image holds class {vol.label.max()}, the "
+                                 f"run predicts 0-{run_cfg['num_classes'] - 1}; pass --label-map")
+    return root, layout, chosen, os.path.join(cfg["run"], folder)
 
 
 def evaluate_run(cfg):
-    """Predict every slice of each volume, map back to the native grid, DSC/ASD/HD/HD95 per class in mm."""
-    train_cfg, model, volumes = eval_setup(cfg)
-    out = os.path.join(cfg["run"], f"eval-{cfg['split_name']}")
+    """Predict every slice of each volume, map back to the native grid; per volume and class DSC/ASD/HD/HD95 in mm
+    and the structure's volume in ml (metrics.csv, summary.json); for ACDC patients with ED and ES frames the
+    clinical indices (clinical.csv, summary.json "clinical")."""
+    run_cfg, model = load_run(cfg["run"], cfg["device"])
+    root, layout, volumes, out = eval_setup(cfg, run_cfg)
     os.makedirs(out, exist_ok=True)
     for sub in ("pred", "png"):
         if cfg[f"save_{sub}"]:
             os.makedirs(os.path.join(out, sub), exist_ok=True)
-    mode, labels = cfg["predict"] or train_cfg["predict"], list(range(1, train_cfg["num_classes"]))
-    per_volume, rows = [], []
+    mode, labels = cfg["predict"] or run_cfg["predict"], list(range(1, run_cfg["num_classes"]))
+    per_volume, rows, measured = [], [], []
     for vol in volumes:
-        images, _ = data.preprocess(vol, train_cfg["spacing"], train_cfg["size"])
-        probs = predict_slices(model, torch.from_numpy(images)[:, None], mode, train_cfg["batch_size"])
-        pred = data.to_native(probs.numpy(), vol, train_cfg["spacing"], train_cfg["size"])
+        (pred,), _ = segment(model, [vol], run_cfg, mode, run_cfg["batch_size"], Stopwatch())
         if cfg["save_pred"]:
             data.save_label_nifti(pred, vol, os.path.join(out, "pred", f"{vol.id}.nii.gz"))
         if cfg["save_png"]:
             overlay_png(os.path.join(out, "png", f"{vol.id}.png"), vol, pred)
-        if vol.label is None:
-            continue
         result = metrics.evaluate(pred, vol.label, vol.spacing, labels)
+        ml = {c: (metrics.volume_ml(pred == c, vol.spacing), metrics.volume_ml(vol.label == c, vol.spacing))
+              for c in labels}
         per_volume.append(result)
-        rows += [dict(id=vol.id, label=c, **result[c]) for c in labels]
-    if not per_volume:
-        raise data.DataError(f"{cfg['run']}: no labeled volume in split {cfg['split_name']!r} to evaluate")
+        measured.append((vol, ml))
+        rows += [dict(id=vol.id, label=c, **result[c], volume_ml_pred=ml[c][0], volume_ml_gt=ml[c][1])
+                 for c in labels]
     write_csv(rows, os.path.join(out, "metrics.csv"))
     summary = metrics.summarize(per_volume)
-    summary.update(run=cfg["run"], split=cfg["split_name"], predict=mode, volumes=len(per_volume), units="mm")
+    summary.update(run=cfg["run"], split=cfg["split_name"], data=root, predict=mode, volumes=len(per_volume),
+                   units="mm")
+    clinical = clinical_rows(measured) if layout == "acdc" else []
+    if clinical:
+        write_csv(clinical, os.path.join(out, "clinical.csv"))
+        summary["clinical"] = clinical_agreement(clinical)
     write_json(summary, os.path.join(out, "summary.json"))
-    print_summary(summary, train_cfg["class_names"])
+    print_summary(summary, run_cfg["class_names"])
+    if clinical:
+        print_clinical(summary["clinical"])
     return summary
+
+
+# ACDC challenge definitions (classes 1 RV, 2 MYO, 3 LV): index -> unit; myocardial mass = MYO volume at ED x 1.05.
+CLINICAL = {"lv_edv": "ml", "lv_esv": "ml", "lv_ef": "%", "rv_edv": "ml", "rv_esv": "ml", "rv_ef": "%",
+            "myo_mass": "g"}
+MYO_DENSITY = 1.05  # g/ml
+
+
+def clinical_indices(ed, es):
+    """The indices of CLINICAL for one patient from its class volumes in ml ({class: ml}) at ED and ES: LV and RV
+    end-diastolic and end-systolic volume (ml), ejection fraction 100 (EDV - ESV) / EDV (%), myocardial mass at
+    ED (g). A NaN volume makes the indices that use it NaN."""
+    out = {}
+    for name, c in (("lv", 3), ("rv", 1)):
+        out[f"{name}_edv"], out[f"{name}_esv"] = ed[c], es[c]
+        out[f"{name}_ef"] = metrics.ejection_fraction(ed[c], es[c])
+    out["myo_mass"] = ed[2] * MYO_DENSITY
+    return out
+
+
+def clinical_rows(measured):
+    """One row {case, INDEX_pred, INDEX_gt for INDEX in CLINICAL} per patient (Volume.case) with an ED and an ES
+    volume. measured: [(Volume, {class: (ml predicted, ml ground truth)})]; an empty ground-truth structure
+    counts as NaN (the index is undefined, and metrics.agreement counts it)."""
+    phases = {}
+    for vol, ml in measured:
+        phases.setdefault(vol.case, {})[vol.frame] = ml
+    rows = []
+    for case, ml in phases.items():
+        if "ED" in ml and "ES" in ml:
+            pred = clinical_indices(*({c: v[0] for c, v in ml[p].items()} for p in ("ED", "ES")))
+            gt = clinical_indices(*({c: v[1] or math.nan for c, v in ml[p].items()} for p in ("ED", "ES")))
+            rows.append({"case": case, **{f"{k}_{side}": idx[k] for k in CLINICAL
+                                          for side, idx in (("pred", pred), ("gt", gt))}})
+    return rows
+
+
+def clinical_agreement(rows):
+    """{INDEX: unit, n, n_nan, r, bias, sd, loa_low, loa_high}: prediction against ground truth over the patients."""
+    return {k: dict(unit=unit, **metrics.agreement([r[f"{k}_pred"] for r in rows], [r[f"{k}_gt"] for r in rows]))
+            for k, unit in CLINICAL.items()}
 
 
 def print_summary(summary, names):
@@ -927,12 +1039,143 @@ def print_summary(summary, names):
         print(f"{name:12s} " + " ".join(f"{c:>15s}" for c in cells) + f"  {sum(row[m]['n_nan'] for m in row)}")
 
 
+def print_clinical(clinical):
+    """A table of the clinical indices: patients used, Pearson r, bias and 95 % limits of agreement (pred - gt)."""
+    print(f"\n{'index':10s} {'unit':>4s} {'n':>4s} {'r':>7s} {'bias':>9s} {'limits of agreement':>21s}  NaNs left out")
+    for k, a in clinical.items():
+        print(f"{k:10s} {a['unit']:>4s} {a['n']:4d} {a['r']:7.3f} {a['bias']:9.2f} {a['loa_low']:9.2f} to "
+              f"{a['loa_high']:8.2f}  {a['n_nan']}")
+
+
 def write_csv(rows, path):
     with open(f"{path}.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     os.replace(f"{path}.tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# predict
+# ----------------------------------------------------------------------------------------------------------
+def nifti_name(path):
+    """NAME of a NAME.nii.gz / NAME.nii file, else None."""
+    base = os.path.basename(path)
+    ext = next((e for e in (".nii.gz", ".nii") if base.endswith(e) and len(base) > len(e)), None)
+    return base[:-len(ext)] if ext else None
+
+
+def walk_nifti(folder, out):
+    """Sorted .nii/.nii.gz files below folder; hidden files and folders, and the --out folder, are skipped."""
+    files, skip = [], os.path.realpath(out)
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != skip)
+        files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and nifti_name(n)]
+    return files
+
+
+def find_inputs(paths, out):
+    """[(NAME, path)] of --input: files as given, folders searched recursively, each file once. DataError for a
+    missing path, a file that is not .nii/.nii.gz, a folder without one, or an input inside --out."""
+    found = {}
+    for path in paths:
+        if os.path.isdir(path):
+            files = walk_nifti(path, out)
+        elif os.path.isfile(path):
+            files = [path] if nifti_name(path) else []
+        else:
+            raise data.DataError(f"{path}: no such file or folder")
+        if not files:
+            raise data.DataError(f"{path}: not a .nii or .nii.gz file, nor a folder holding one")
+        for file in files:
+            if os.path.commonpath([os.path.realpath(file), os.path.realpath(out)]) == os.path.realpath(out):
+                raise data.DataError(f"{file}: input inside --out {out}; choose another --out")
+            found.setdefault(os.path.realpath(file), file)
+    return [(nifti_name(file), file) for file in found.values()]
+
+
+def plan(inputs, cfg):
+    """[(NAME, path, {kind: output path})] of the outputs still to write ("labels" OUT/NAME.nii.gz, "prob"
+    OUT/NAME_prob.nii.gz, "png" OUT/NAME.png; existing ones only with --overwrite), inputs with none left out.
+    DataError naming both inputs when two would write one file."""
+    owner, todo = {}, []
+    for name, path in inputs:
+        files = {"labels": f"{name}.nii.gz", "prob": f"{name}_prob.nii.gz" if cfg["probabilities"] else None,
+                 "png": f"{name}.png" if cfg["save_png"] else None}
+        files = {k: os.path.join(cfg["out"], v) for k, v in files.items() if v}
+        for file in files.values():
+            if file in owner:
+                raise data.DataError(f"{path} and {owner[file]}: both would write {file}; inputs need distinct names")
+            owner[file] = path
+        missing = {k: v for k, v in files.items() if cfg["overwrite"] or not os.path.exists(v)}
+        if missing:
+            todo.append((name, path, missing))
+    return todo
+
+
+def write_atomic(path, write):
+    """write(tmp) to a hidden temporary file beside path (same extension), then os.replace: no half-written output."""
+    folder, base = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}-{base}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def predict_file(model, run_cfg, path, files, mode, batch_size, watch):
+    """Segment one 3D (X, Y, Z) or 4D (X, Y, Z, T) image and write files ({kind: path} of plan): uint8 labels of
+    the input's shape, float32 probabilities (*shape, C), the overlay PNG of the first frame. Returns the shape."""
+    with watch("read"):
+        frames, img = data.read_scan(path, warn=False)
+    labels, probs = segment(model, frames, run_cfg, mode, batch_size, watch, "prob" in files)
+    with watch("write"):
+        if "labels" in files:
+            write_atomic(files["labels"], lambda tmp: data.save_like(np.stack(labels, 3).reshape(img.shape), img, tmp))
+        if "prob" in files:
+            write_atomic(files["prob"],
+                         lambda tmp: data.save_like(np.stack(probs, 3).reshape(*img.shape, -1), img, tmp))
+        if "png" in files:
+            write_atomic(files["png"], lambda tmp: overlay_png(tmp, frames[0], labels[0]))
+    return img.shape
+
+
+def predict_run(cfg):
+    """Segment every --input into --out (predict_file). The run folder and every input still to segment are read
+    and checked before the first output is written; finished outputs are kept unless --overwrite."""
+    run_cfg, model = load_run(cfg["run"], cfg["device"])
+    out = cfg["out"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise data.DataError(f"{out}: --out exists and is not a folder")
+    inputs = find_inputs(cfg["input"], out)
+    todo = plan(inputs, cfg)
+    if len(todo) < len(inputs):
+        note(cfg, f"predict: {len(inputs) - len(todo)} of {len(inputs)} inputs already have their outputs in {out}, "
+                  "skipped (--overwrite replaces them)")
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    for _, path, _ in todo:
+        data.read_scan(path)
+    mode, batch_size = cfg["predict"] or run_cfg["predict"], cfg["predict_batch_size"] or run_cfg["batch_size"]
+    note(cfg, f"predict: {len(todo)} inputs checked in {time.perf_counter() - t0:.1f} s; run {cfg['run']}: ResNet-"
+              f"{run_cfg['depth']} width {run_cfg['width']}, {run_cfg['size']}x{run_cfg['size']} at "
+              f"{run_cfg['spacing']} mm, classes {', '.join(run_cfg['class_names'])}, predict {mode}, "
+              f"batch {batch_size}, {cfg['device']}")
+    os.makedirs(out, exist_ok=True)
+    total = {}
+    for i, (name, path, files) in enumerate(todo, 1):
+        watch = Stopwatch()
+        shape = predict_file(model, run_cfg, path, files, mode, batch_size, watch)
+        total = {k: total.get(k, 0.0) + v for k, v in watch.seconds.items()}
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in watch.seconds.items())
+        note(cfg, f"predict {i}/{len(todo)} {name} {'x'.join(map(str, shape))}: {sum(watch.seconds.values()):.2f} s "
+                  f"({stages} s)")
+    spent = max(sum(total.values()), 1e-9)
+    note(cfg, f"predict: {len(todo)} inputs in {spent:.1f} s, {spent / len(todo):.2f} s each, "
+              f"{100 * (1 - total['network'] / spent):.0f} % of it outside the network; outputs in {out}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1193,12 +1436,38 @@ def build_parser():
     p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
     p.add_argument("--predict", default="mean", choices=("mean", "d1", "d2"), help="prediction used for val")
     p.add_argument("--steps-per-epoch", type=number(int), help=preset_help("steps_per_epoch", "steps per epoch"))
-    p = sub.add_parser("eval", parents=[common], help="metrics of a fine-tuned run on the native grid", **kw)
+    p = sub.add_parser("eval", parents=[common_parser()], help="metrics of a fine-tuned run on the native grid",
+                       description="Scores a fine-tuned run on its own split or on every labeled volume of any "
+                       "dataset. --data, --layout, --frames and --label-map default to the run's (shown as None).", **kw)
+    p.set_defaults(layout=None, frames=None)
     p.add_argument("--run", required=True, help="fine-tuning run folder")
-    p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train"))
+    p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train", "all"),
+                   help="test|val|train: the run's split.json (ACDC by patient, so --frames both scores ED and ES), "
+                   "results in RUN/eval-SPLIT (eval-SPLIT-FRAMES when --frames differs from the run's); all: every "
+                   "labeled volume of --data, results in RUN/eval-<data folder name>-all")
     p.add_argument("--predict", choices=("mean", "d1", "d2"), help="default: the run's")
     p.add_argument("--save-pred", action="store_true", help="write eval-SPLIT/pred/ID.nii.gz")
     p.add_argument("--save-png", action="store_true", help="write eval-SPLIT/png/ID.png overlays")
+    p = sub.add_parser("predict", help="segment new scans with a fine-tuned run", description="Segments 3D and 4D "
+                       "NIfTI scans with a fine-tuning run's best.pt (architecture, preprocessing and classes come "
+                       "from it; no dataset needed) into OUT/NAME.nii.gz: uint8 labels with the input's shape, "
+                       "affine and header. Every input is checked before the first output is written; existing "
+                       "outputs are kept unless --overwrite, so an interrupted batch continues.", **kw)
+    p.add_argument("--run", required=True, help="fine-tuning run folder (holding best.pt)")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help=".nii/.nii.gz files, or folders "
+                   "searched recursively; 3D (x, y, z) or 4D cine (x, y, z, t), segmented frame by frame")
+    p.add_argument("--out", required=True, help="output folder: NAME.nii.gz for input NAME.nii(.gz)")
+    p.add_argument("--probabilities", action="store_true", help="also write NAME_prob.nii.gz, float32 class "
+                   "probabilities on the native grid: (x, y, z, C) for 3D inputs, (x, y, z, t, C) for 4D")
+    p.add_argument("--save-png", action="store_true", help="also write NAME.png: image | prediction for three mid "
+                   "slices (of the first frame of a 4D input)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--predict", choices=("mean", "d1", "d2"), help="default: the run's")
+    p.add_argument("--batch-size", dest="predict_batch_size", type=number(int), metavar="N",
+                   help="slices per forward pass (default: the run's)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(preset=None, size=None)  # read by resolve(); predict takes every model value from the run
     p = sub.add_parser("report", help="results table from the eval summaries of run.sh's run folders", **kw)
     p.add_argument("--runs", required=True, help="folder with <row>/L<fraction>/seed<k>/eval-test/summary.json")
     p.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
@@ -1243,8 +1512,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = resolve(args, parser)
-    command = {"pretrain": pretrain, "finetune": finetune, "eval": evaluate_run, "bench": bench,
-               "report": report}[args.command]
+    command = {"pretrain": pretrain, "finetune": finetune, "eval": evaluate_run, "predict": predict_run,
+               "bench": bench, "report": report}[args.command]
     try:
         command(cfg)
     except data.DataError as e:

@@ -1570,3 +1570,174 @@ def test_agreement_undefined_cases():
     assert none["n"] == 0 and none["n_nan"] == 1 and math.isnan(none["bias"])
     with pytest.raises(ValueError, match="one length"):
         metrics.agreement([1.0, 2.0], [1.0])
+
+
+# ==========================================================================================================
+# Using a trained model: predict, eval on other data, clinical indices
+# ==========================================================================================================
+@pytest.fixture(scope="module")
+def tuned(phantom, tmp_path_factory):
+    """One tiny fine-tuned run (supervised, 1 epoch of 2 steps) on the phantom: enough to segment with."""
+    out = tmp_path_factory.mktemp("tuned") / "run"
+    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--no-pretrain", "--labeled", "20",
+                         "--unlabeled-weight", "0", "--epochs", "1", "--steps-per-epoch", "2", *TINY)
+    assert rc == 0, err
+    return out
+
+
+def csv_rows(path):
+    """The rows of a CSV file as dicts of strings."""
+    import csv
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_main(capsys, *args):
+    """ideal.main in this process (no interpreter start-up): (returncode, stdout, stderr)."""
+    rc = ideal.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def scans(root):
+    """A folder mixing .nii and .nii.gz: int16 37x41x3 with a rotated, offset affine (qform code 1, sform code 2),
+    a float32 4D cine 30x26x3x4 in a subfolder, and that cine's frame 2 as a 3D file."""
+    rng = np.random.default_rng(5)
+    rotated = np.array([[0.0, -1.3, 0.0, 20.5], [1.1, 0.0, 0.0, -7.25], [0.0, 0.0, 6.5, 33.0], [0, 0, 0, 1]])
+    odd = nib.Nifti1Image(rng.normal(300, 80, (37, 41, 3)).astype(np.int16), None)
+    odd.header.set_qform(rotated, code=1)
+    odd.header.set_sform(rotated, code=2)
+    nib.save(odd, str(root / "odd.nii"))
+    cine = rng.normal(0, 1, (30, 26, 3, 4)).astype(np.float32)
+    nii_affine(root / "sub" / "cine.nii.gz", cine, np.diag([1.8, 1.6, 8.0, 1.0]))
+    nii_affine(root / "frame2.nii.gz", cine[..., 2], np.diag([1.8, 1.6, 8.0, 1.0]))
+    return {name: nib.load(root / path) for name, path in
+            (("odd", "odd.nii"), ("cine", "sub/cine.nii.gz"), ("frame2", "frame2.nii.gz"))}
+
+
+def test_predict_keeps_shape_affine_and_header_and_skips_finished_outputs(tuned, tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    inputs, out = scans(tmp_path / "in"), tmp_path / "pred"
+    rc, _, err = run_cli("ideal.py", "predict", "--run", tuned, "--input", tmp_path / "in", "--out", out,
+                         "--probabilities", "--save-png")
+    assert rc == 0, err
+    assert all(f"{name} " in err and "network" in err for name in inputs), err     # a progress line per volume
+    for name, img in inputs.items():
+        labels, probs = nib.load(out / f"{name}.nii.gz"), nib.load(out / f"{name}_prob.nii.gz")
+        assert labels.shape == img.shape and labels.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(labels.affine, img.affine)
+        assert [int(labels.header[k]) for k in ("qform_code", "sform_code")] == \
+            [int(img.header[k]) for k in ("qform_code", "sform_code")]
+        assert probs.shape == (*img.shape, 4) and probs.get_data_dtype() == np.float32
+        p = np.asarray(probs.dataobj)
+        np.testing.assert_allclose(p.sum(-1), 1, atol=1e-5)
+        np.testing.assert_array_equal(p.argmax(-1), np.asarray(labels.dataobj))
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [int(inputs["odd"].header[k]) for k in ("qform_code", "sform_code")] == [1, 2]
+    cine, frame2 = (np.asarray(nib.load(out / f"{n}.nii.gz").dataobj) for n in ("cine", "frame2"))
+    np.testing.assert_array_equal(cine[..., 2], frame2)                   # a 4D input: frame by frame
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc, _, err = run_cli("ideal.py", "predict", "--run", tuned, "--input", tmp_path / "in", "--out", out,
+                         "--probabilities", "--save-png")
+    assert rc == 0 and "3 of 3 inputs already have their outputs" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_predict_bad_input_writes_nothing(tuned, tmp_path, capsys):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    scans(folder)
+    cut = folder / "sub" / "cut.nii.gz"
+    cut.write_bytes((folder / "frame2.nii.gz").read_bytes()[:200])
+    out = tmp_path / "pred"
+    one_error_line(run_main(capsys, "predict", "--run", tuned, "--input", folder, "--out", out, "--quiet"),
+                   str(cut), "truncated")
+    cut.unlink()
+    nii_affine(folder / "sub" / "odd.nii.gz", noise())
+    one_error_line(run_main(capsys, "predict", "--run", tuned, "--input", folder, "--out", out, "--quiet"),
+                   "odd.nii", "odd.nii.gz", "distinct names")
+    one_error_line(run_main(capsys, "predict", "--run", tmp_path, "--input", folder, "--out", out, "--quiet"),
+                   str(tmp_path / "best.pt"))
+    assert not out.exists()
+
+
+def heart(shape, lv, rv, myo):
+    """ACDC-class labels: LV (3), RV (1) and MYO (2) boxes of lv, rv, myo rows x 10 x 2 slices = 20 voxels a row."""
+    lab = np.zeros(shape, np.uint8)
+    lab[0:lv, :10, :2], lab[20:20 + rv, :10, :2], lab[30:30 + myo, :10, :2] = 3, 1, 2
+    return lab
+
+
+# (ED rows, ES rows) of LV, RV, MYO per patient; voxels 1.5 x 1.25 x 8 mm = 15 mm^3, so a row is 0.3 ml
+UNSEEN = {"patient201": ((10, 4, 2), (3, 2, 3)), "patient202": ((8, 5, 4), (4, 0, 4))}
+
+
+def test_eval_all_on_unseen_acdc_patients_gives_hand_computed_volumes_and_ef(tuned, tmp_path):
+    root = tmp_path / "other"
+    for pid, phases in UNSEEN.items():
+        for number, rows in zip((1, 2), phases):
+            nii(root / pid / f"{pid}_frame{number:02d}.nii.gz", noise((40, 40, 3), number), (1.5, 1.25, 8.0))
+            nii(root / pid / f"{pid}_frame{number:02d}_gt.nii.gz", heart((40, 40, 3), *rows), (1.5, 1.25, 8.0))
+        (root / pid / "Info.cfg").write_text("ED: 1\nES: 2\nGroup: NOR\n")
+    rc, stdout, err = run_cli("ideal.py", "eval", "--run", tuned, "--data", root, "--split", "all", "--frames", "both",
+                              "--quiet")
+    assert rc == 0, err
+    ev = tuned / "eval-other-all"
+    rows = {(r["id"], int(r["label"])): r for r in csv_rows(ev / "metrics.csv")}
+    assert len(rows) == 4 * 3
+    for pid, phases in UNSEEN.items():
+        for phase, (lv, rv, myo) in zip(("ED", "ES"), phases):
+            for c, n in ((3, lv), (1, rv), (2, myo)):
+                assert float(rows[f"{pid}_{phase}", c]["volume_ml_gt"]) == pytest.approx(0.3 * n)
+    clinical = {r["case"]: {k: float(v) for k, v in r.items() if k != "case"} for r in csv_rows(ev / "clinical.csv")}
+    a, b = clinical["patient201"], clinical["patient202"]
+    assert (a["lv_edv_gt"], a["lv_esv_gt"], a["lv_ef_gt"]) == pytest.approx((3.0, 0.9, 70.0))
+    assert (a["rv_edv_gt"], a["rv_esv_gt"], a["rv_ef_gt"]) == pytest.approx((1.2, 0.6, 50.0))
+    assert a["myo_mass_gt"] == pytest.approx(0.6 * 1.05) and b["myo_mass_gt"] == pytest.approx(1.2 * 1.05)
+    assert b["lv_ef_gt"] == pytest.approx(50.0) and math.isnan(b["rv_esv_gt"]) and math.isnan(b["rv_ef_gt"])
+    edv = float(rows["patient201_ED", 3]["volume_ml_pred"])
+    assert a["lv_edv_pred"] == pytest.approx(edv)
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["volumes"] == 4 and summary["clinical"]["rv_ef"]["n_nan"] == 1
+    assert summary["clinical"]["lv_ef"] == pytest.approx(metrics.agreement(
+        [a["lv_ef_pred"], b["lv_ef_pred"]], [70.0, 50.0]) | {"unit": "%"}, nan_ok=True)
+    assert "myo_mass" in stdout and "limits of agreement" in stdout
+
+
+def test_eval_all_on_own_layout_needs_the_label_map(tuned, tmp_path, capsys):
+    root = tmp_path / "mine"
+    for name in ("a", "b"):
+        nii(root / "imagesTr" / f"{name}.nii.gz", noise((40, 40, 3)), (1.5, 1.25, 8.0))
+        nii(root / "labelsTr" / f"{name}.nii.gz", heart((40, 40, 3), 5, 3, 2) * 10, (1.5, 1.25, 8.0))
+    one_error_line(run_main(capsys, "eval", "--run", tuned, "--data", root, "--split", "all", "--layout", "own",
+                            "--quiet"), str(root / "imagesTr" / "a.nii.gz"), "class 30", "--label-map")
+    assert not (tuned / "eval-mine-all").exists()
+    rc, _, err = run_main(capsys, "eval", "--run", tuned, "--data", root, "--split", "all", "--layout", "own",
+                          "--label-map", "10:1,20:2,30:3", "--quiet")
+    assert rc == 0, err
+    rows = csv_rows(tuned / "eval-mine-all" / "metrics.csv")
+    assert [(r["id"], r["label"]) for r in rows] == [(n, c) for n in "ab" for c in "123"]
+    assert [float(r["volume_ml_gt"]) for r in rows[:3]] == pytest.approx([0.9, 0.6, 1.5])
+    assert not (tuned / "eval-mine-all" / "clinical.csv").exists()
+
+
+def test_eval_test_split_with_both_frames_scores_ed_and_es_of_the_test_patients(tuned, capsys):
+    rc, _, err = run_main(capsys, "eval", "--run", tuned, "--frames", "both", "--quiet")
+    assert rc == 0, err
+    test = json.loads((tuned / "split.json").read_text())["test"]
+    ids = {r["id"] for r in csv_rows(tuned / "eval-test-both" / "metrics.csv")}
+    assert ids == {f"{p}_{phase}" for p in test for phase in ("ED", "ES")} and len(test) == 4
+    assert [r["case"] for r in csv_rows(tuned / "eval-test-both" / "clinical.csv")] == test
+
+
+def test_select_matches_patients_across_frame_settings():
+    both = fake(["patient007_ED", "patient007_ES", "patient008_ED", "patient008_ES"])
+    for v in both:
+        v.frame = v.id[-2:]
+    ed = fake(["patient007", "patient008"])
+    for v in ed:
+        v.frame = "ED"
+    assert [v.id for v in data.select(both, ["patient007"], "s")] == ["patient007_ED", "patient007_ES"]
+    assert [v.id for v in data.select(ed, ["patient008_ED", "patient008_ES"], "s")] == ["patient008"]
+    with pytest.raises(DataError, match="s: ids not among the volumes: patient009"):
+        data.select(ed, ["patient007", "patient009"], "s")
