@@ -59,26 +59,31 @@ def conv_bn(cin, cout, k, stride=1, relu=True):
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN (ResNet-18/34) plus the identity or a 1x1 projection skip, then ReLU."""
     expansion = 1
 
     def __init__(self, cin, width, stride):
         super().__init__()
         cout = width * self.expansion
-        self.body = nn.Sequential(conv_bn(cin, width, 3, stride), conv_bn(width, cout, 3, relu=False))
+        self.body = self.make_body(cin, width, cout, stride)
         self.skip = conv_bn(cin, cout, 1, stride, relu=False) if stride != 1 or cin != cout else nn.Identity()
+
+    @staticmethod
+    def make_body(cin, width, cout, stride):
+        return nn.Sequential(conv_bn(cin, width, 3, stride), conv_bn(width, cout, 3, relu=False))
 
     def forward(self, x):
         return F.relu(self.body(x) + self.skip(x))
 
 
 class Bottleneck(BasicBlock):
+    """1x1 reduce, 3x3 (strided), 1x1 expand x4 (ResNet-50/101; stride on the 3x3 as torchvision's v1.5)."""
     expansion = 4
 
-    def __init__(self, cin, width, stride):
-        super().__init__(cin, width, stride)
-        cout = width * self.expansion
-        self.body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride),
-                                  conv_bn(width, cout, 1, relu=False))
+    @staticmethod
+    def make_body(cin, width, cout, stride):
+        return nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride),
+                             conv_bn(width, cout, 1, relu=False))
 
 
 RESNETS = {10: (BasicBlock, (1, 1, 1, 1)), 18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),

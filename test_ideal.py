@@ -1060,6 +1060,13 @@ def test_learning_rate_schedules():
     assert ideal.learning_rate(0.1, 50, 100, "poly") == pytest.approx(0.1 * 0.5 ** 0.9)
 
 
+@pytest.mark.parametrize("depth, params", [(18, 11_170_240), (50, 23_501_760)])
+def test_resnet_builds_exactly_the_standard_layout(depth, params):
+    """torchvision's ResNet-18/50 (11,689,512 / 25,557,032 parameters) without fc (513,000 / 2,049,000) and with a
+    1-channel stem (3,136 instead of 9,408 weights): every module built is used."""
+    assert sum(p.numel() for p in ideal.ResNetEncoder(depth, width=64).parameters()) == params
+
+
 @pytest.mark.parametrize("depth", [10, 50])
 def test_encoder_strides(depth):
     enc = ideal.ResNetEncoder(depth, width=8)
