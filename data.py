@@ -551,8 +551,8 @@ def load_split(path, volumes=None) -> dict:
     """Read and validate a split JSON file (against ``volumes`` if given); DataError naming the file."""
     try:
         split = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable split file ({' '.join(str(exc).split())})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{path}: unreadable split file ({' '.join(str(exc).split())[:160]})") from None
     _check_split(split, path, volumes)
     return split
 

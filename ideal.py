@@ -17,18 +17,26 @@ Reference implementation of Basak et al., ICASSP 2023 (paper Fig. 2):
 Without --data the synthetic phantom of data.py is written once to cache/phantom and used.
 """
 import argparse
+import contextlib
 import csv
+import fcntl
 import glob
 import json
 import math
 import os
+import re
+import shutil
 import struct
 import sys
 import time
+import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -39,6 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PHANTOM_DIR = os.path.join(HERE, "cache", "phantom")
 
 # Every value can be overridden by the flag of the same name (--lr and --epochs set the sub-command's own).
+# demo: the cpu model on a schedule of minutes, for the embedded run.sh on the synthetic phantom.
 # lr 1e-5 is the paper's; the cpu preset uses 1e-3 / 3e-3 because its budget is minutes, not GPU-days
 # (README, "Decisions and deviations").
 PRESETS = {
@@ -46,6 +55,8 @@ PRESETS = {
                   pretrain_lr=1e-5, finetune_lr=1e-5, pretrain_epochs=100, finetune_epochs=100),
     "cpu": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=16, proj_dim=64, steps_per_epoch=50,
                 pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=100, finetune_epochs=30),
+    "demo": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=8, proj_dim=64, steps_per_epoch=20,
+                 pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=15, finetune_epochs=4),
 }
 ARCH_KEYS = ("depth", "width", "size", "spacing")
 
@@ -228,15 +239,19 @@ def global_infonce(q, k, tau=0.1):
     """Eq. 1, symmetric (NT-Xent): global InfoNCE over a batch of view pairs.
 
     q, k: (B, D) projections of the two views of B images (normalised here).
-    Positive of q_b is k_b; negatives are the 2B - 2 views of the other images.
+    Positive of q_b is k_b; negatives are the 2B - 2 views of the other images, of the whole global batch under
+    torchrun (gathered from every rank: 2 W B - 2).
     tau: softmax temperature (default: 0.1).
     """
-    z = F.normalize(torch.cat([q, k]), dim=1)                               # (2B, D)
-    logits = z @ z.t() / tau                                                # (2B, 2B)
-    logits = logits.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
     b = q.shape[0]
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
-    return F.cross_entropy(logits, target)
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    keys = torch.cat([gather(q), gather(k)])                                # (2WB, D): every view, every rank
+    logits = torch.cat([q, k]) @ keys.t() / tau                             # (2B, 2WB)
+    n = keys.shape[0] // 2
+    own = torch.arange(b, device=q.device) + rank() * b                     # global index of this rank's images
+    rows = torch.arange(2 * b, device=q.device)
+    logits = logits.index_put((rows, torch.cat([own, own + n])), torch.tensor(float("-inf"), device=q.device))
+    return F.cross_entropy(logits, torch.cat([own + n, own]))
 
 
 def local_infonce(q, k, valid, tau=0.1, negatives="same"):
@@ -245,22 +260,25 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     q: (B, C, h, w) L2-normalised query map; k: (B, C, h, w) L2-normalised key map aligned to q's grid;
     valid: (B, h, w) bool, locations with a counterpart in the key view.
     Positive of q_{b,i} is k_{b,i}. negatives: "same" (Eq. 2): k_{b',i} of the other images b' at the same
-    location i; "all": every valid location of the other images' key maps.
+    location i; "all": every valid location of the other images' key maps. Other images: of the whole global batch
+    under torchrun (key maps gathered from every rank).
     Negatives that are not valid are left out; the loss is averaged over valid query locations.
     tau: softmax temperature (default: 0.1).
     """
     b, c, h, w = q.shape
     q, k, valid = q.flatten(2), k.flatten(2), valid.flatten(1)              # (B, C, L), (B, L)
     l_pos = torch.einsum("bcl,bcl->bl", q, k)[..., None]                     # positive logits: B x L x 1
+    keys, keys_valid = gather(k), gather(valid)                             # (WB, C, L), (WB, L)
+    own = torch.arange(b, device=q.device) + rank() * b
+    other = own[:, None] != torch.arange(len(keys), device=q.device)[None]  # (B, WB): another image
     if negatives == "same":
-        l_neg = torch.einsum("bcl,ecl->ble", q, k)                          # B x L x B (same location)
-        keep = valid.t()[None].expand(b, -1, -1)                            # k_{e,l} valid
-        other = ~torch.eye(b, dtype=torch.bool, device=q.device)[:, None, :]
+        l_neg = torch.einsum("bcl,ecl->ble", q, keys)                       # B x L x WB (same location)
+        keep = keys_valid.t()[None].expand(b, -1, -1)                       # k_{e,l} valid
+        other = other[:, None, :]
     elif negatives == "all":
-        l_neg = torch.einsum("bcl,ecm->blem", q, k).flatten(2)              # B x L x (B L)
-        keep = valid.reshape(1, 1, b * h * w).expand(b, h * w, -1)
-        other = (torch.arange(b, device=q.device)[:, None] !=
-                 torch.arange(b, device=q.device).repeat_interleave(h * w)[None])[:, None, :]
+        l_neg = torch.einsum("bcl,ecm->blem", q, keys).flatten(2)           # B x L x (WB L)
+        keep = keys_valid.reshape(1, 1, -1).expand(b, h * w, -1)
+        other = other.repeat_interleave(h * w, dim=1)[:, None, :]
     else:
         raise ValueError(f"negatives must be 'same' or 'all', got {negatives!r}")
     l_neg = l_neg.masked_fill(~(keep & other), float("-inf"))
@@ -353,9 +371,14 @@ class IDEALSegmenter(nn.Module):
         self.d1 = UNetDecoder(self.encoder.channels, num_classes, "transpose")
         self.d2 = UNetDecoder(self.encoder.channels, num_classes, "transpose" if same_decoders else "bilinear")
 
-    def forward(self, x):                            # x: (B, 1, H, W)
-        feats = self.encoder(x)
-        return self.d1(feats), self.d2(feats)        # logits (B, C, H, W) twice
+    def forward(self, *batches):                     # each x: (B_i, 1, H, W)
+        """Each batch in a pass of its own, so BatchNorm normalises it with its own statistics: (logits of
+        D(theta1), logits of D(theta2)), each (B_i, C, H, W), for one batch; a list of such pairs for several."""
+        outs = []
+        for x in batches:
+            feats = self.encoder(x)
+            outs.append((self.d1(feats), self.d2(feats)))
+        return outs[0] if len(outs) == 1 else outs
 
 
 IGNORE = -1                                          # pseudo-label of a pixel left out of Eq. 3
@@ -412,33 +435,95 @@ def predict(model, x, mode="mean"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run folders and checkpoints
+# Run folders, checkpoints and processes
 # ----------------------------------------------------------------------------------------------------------
+def world():
+    """Number of torchrun processes (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    """This process's rank (0 without torchrun); only rank 0 writes files and prints."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather(x):
+    """x (B, ...) of every rank concatenated in rank order (W B, ...); x itself in one process. Differentiable
+    when x requires grad: the gradient of each rank's part flows back to the rank that made it."""
+    if world() == 1:
+        return x
+    if x.requires_grad:
+        return torch.cat(dist_nn.all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def init_distributed(device):
+    """Process group from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE): nccl on CUDA (one GPU per rank,
+    cuda:LOCAL_RANK), gloo on the CPU. Without torchrun nothing happens. Returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def write_atomic(path, write):
+    """write(tmp) to a hidden temporary file beside path, then os.replace: never a half-written file. A failed write
+    (full disk, read-only folder) removes the temporary file and is a DataError naming path."""
+    folder, base = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}-{base}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise data.DataError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_folder(path):
+    """os.makedirs(path, exist_ok=True); DataError naming path if it cannot be made (under a file, read-only)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise data.DataError(f"{path}: cannot create this folder ({e.strerror or e})") from None
+
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through write_atomic (torch reports a full disk as RuntimeError: made an OSError here)."""
+    def save(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            raise OSError(str(e).split("\n")[0]) from None
+    write_atomic(path, save)
 
 
 def write_json(obj, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
-def load_checkpoint(path, keys):
-    """A plain-dict checkpoint, loaded with weights_only=True; DataError naming the file if it is not one."""
+def load_checkpoint(path, keys, kind=None):
+    """A plain-dict checkpoint, loaded with weights_only=True; DataError naming the file if it is not one, lacks
+    one of `keys` or was written by another command than `kind` (pretrain, finetune)."""
     if not os.path.isfile(path):
         raise data.DataError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                            # unpickling refused, not a zip, truncated ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise data.DataError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys) or not isinstance(ckpt.get("config"), dict):
         raise data.DataError(f"{path}: not an IDEAL checkpoint (expected keys {', '.join(keys)})")
+    if kind and ckpt.get("kind") != kind:
+        raise data.DataError(f"{path}: written by {ckpt.get('kind') or 'another program'}, not by {kind}")
     return ckpt
 
 
@@ -453,86 +538,178 @@ def load_state(module, state, path):
     """load_state_dict(strict=True), turning a mismatch into one line naming the offending keys."""
     try:
         module.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         detail = " ".join(str(e).split())
         raise data.DataError(f"{path}: weights do not fit this model: {detail[:300]}") from None
 
 
-def resume_or_new(cfg, ckpt_keys, command):
-    """(cfg, last checkpoint) for --resume, else (cfg, None) after checking that --out holds no run yet.
+@contextlib.contextmanager
+def claimed(out):
+    """Hold an exclusive lock (fcntl) on the run folder `out`, created if missing, for the whole command: a second
+    process on the same --out stops at once. A folder created here is removed again if the command fails before
+    writing anything into it. Only rank 0 claims (other ranks never write)."""
+    if rank() != 0:
+        yield
+        return
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a")
+    except OSError as e:
+        raise data.DataError(f"{out}: cannot create the run folder there ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise data.DataError(f"{out}: another process is running in this folder") from None
+    try:
+        yield
+    finally:
+        lock.close()
+        if created and os.listdir(out) == [".lock"]:
+            shutil.rmtree(out)
 
-    A resumed run keeps its stored configuration; an explicit --epochs extends it. Writes nothing: the run folder
-    is only created once the data and weights have been checked (start_run).
+
+RESUME_FREE = ("out", "resume", "quiet", "device", "epochs", "data", "compile", "threads")
+
+
+def open_run(cfg, command, given):
+    """(cfg, last checkpoint or None) of the run in --out, whose lock the caller holds.
+
+    last.pt present: --resume continues it with its stored options (an option in `given`, the options named on the
+    command line, that differs from the stored one is refused; --epochs may extend it, never shorten it). No
+    last.pt: a new run, also in a folder left by a run that died before its first checkpoint (nothing to lose).
     """
-    out = cfg["out"]
-    last = os.path.join(out, "last.pt")
-    if cfg["resume"]:
-        ckpt = load_checkpoint(last, ckpt_keys)
-        check_arch(ckpt["config"], cfg, last)
-        stored = ckpt["config"]
-        return dict(stored, quiet=cfg["quiet"], device=cfg["device"], resume=True,
-                    epochs=cfg["epochs"] or stored["epochs"]), ckpt
-    if os.path.exists(last) or os.path.exists(os.path.join(out, "config.json")):
+    out, last = cfg["out"], os.path.join(cfg["out"], "last.pt")
+    if not os.path.exists(last):
+        if cfg["resume"]:
+            note(cfg, f"{out}: no checkpoint yet; starting the run")
+        return dict(cfg, resume=False, epochs=cfg["epochs"] or PRESETS[cfg["preset"]][f"{command}_epochs"]), None
+    if not cfg["resume"]:
         raise data.DataError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-    return dict(cfg, epochs=cfg["epochs"] or PRESETS[cfg["preset"]][f"{command}_epochs"]), None
+    ckpt = load_checkpoint(last, ("model", "optimizer", "epoch", "config", "log"), command)
+    stored = ckpt["config"]
+    changed = [f"--{k.replace('_', '-')} {cfg[k]} (the run's: {stored.get(k)})" for k in sorted(given)
+               if k not in RESUME_FREE and k in cfg and cfg[k] != stored.get(k)]
+    if changed:
+        raise data.DataError(f"{last}: a resumed run keeps its stored options; drop {', '.join(changed)} or start "
+                             "a new --out")
+    epochs = cfg["epochs"] if "epochs" in given else stored["epochs"]
+    if epochs < ckpt["epoch"]:
+        raise data.DataError(f"{last}: --epochs {epochs} is fewer than the {ckpt['epoch']} epochs the run holds")
+    return dict(stored, out=out, quiet=cfg["quiet"], device=cfg["device"], resume=True, epochs=epochs), ckpt
 
 
-def start_run(cfg, split):
-    """Create the run folder with config.json (every resolved option) and split.json."""
-    os.makedirs(cfg["out"], exist_ok=True)
-    write_json(cfg, os.path.join(cfg["out"], "config.json"))
-    data.save_split(split, os.path.join(cfg["out"], "split.json"))
+def start_run(cfg, split, ckpt):
+    """New run: config.json (every resolved option), split.json and an empty log.jsonl. Resumed run: log.jsonl
+    rewritten from the checkpoint, one line per epoch it holds. Returns the log (a list of epoch records)."""
+    log = ckpt["log"] if ckpt else []
+    if rank() == 0:
+        if not ckpt:
+            write_json(cfg, os.path.join(cfg["out"], "config.json"))
+            write_atomic(os.path.join(cfg["out"], "split.json"), lambda tmp: data.save_split(split, tmp))
+        write_atomic(os.path.join(cfg["out"], "log.jsonl"),
+                     lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+    return log
+
+
+def end_epoch(cfg, model, record, log, files):
+    """The epoch bookkeeping of both training loops: refuse to keep non-finite weights, write `files` ({name:
+    checkpoint dict}, in order, last.pt last and holding the log), append `record` to log.jsonl. Returns the log."""
+    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
+        raise FloatingPointError(f"non-finite weights after epoch {record['epoch']}; nothing of it was saved, "
+                                 f"{last_good(cfg)}")
+    log = log + [record]
+    if rank() == 0:
+        for name, obj in files.items():
+            atomic_save(dict(obj, log=log) if name == "last.pt" else obj, os.path.join(cfg["out"], name))
+        with open(os.path.join(cfg["out"], "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not cfg["quiet"]:
+            print(json.dumps(record), flush=True)
+    return log
+
+
+def last_good(cfg):
+    """Where a stopped run can continue from, for error messages."""
+    last = os.path.join(cfg["out"], "last.pt")
+    return f"the last good checkpoint is {last} (--resume)" if os.path.exists(last) else \
+        "no checkpoint was written; the same command starts the run again"
 
 
 def note(cfg, text):
-    """An informational line on stderr, unless --quiet."""
-    if not cfg["quiet"]:
+    """An informational line on stderr, unless --quiet (rank 0 only)."""
+    if not cfg["quiet"] and rank() == 0:
         print(text, file=sys.stderr, flush=True)
+
+
+class Meter:
+    """Sums of a training epoch's detached values, kept on the device: one synchronisation every `every` steps
+    checks them for NaN/Inf (DINO's stop on a non-finite loss) instead of one per step."""
+
+    def __init__(self, cfg, epoch, every=20):
+        self.cfg, self.epoch, self.every, self.steps, self.sums, self.keys = cfg, epoch, every, 0, None, []
+
+    def add(self, values):
+        stacked = torch.stack([v.double() for v in values.values()])
+        self.keys, self.steps = list(values), self.steps + 1
+        self.sums = stacked if self.sums is None else self.sums + stacked
+        if self.steps % self.every == 0:
+            self.check()
+
+    def check(self):
+        if not bool(torch.isfinite(self.sums).all()):
+            raise FloatingPointError(f"non-finite loss in epoch {self.epoch} by step {self.steps}; "
+                                     f"{last_good(self.cfg)}")
+
+    def loss(self):
+        return self.sums[self.keys.index("loss")].item() / self.steps
+
+    def means(self):
+        """{name: epoch mean}, averaged over the ranks too."""
+        self.check()
+        sums = self.sums.clone()
+        if world() > 1:
+            dist.all_reduce(sums)
+            sums /= world()
+        return {k: round(v / self.steps, 5) for k, v in zip(self.keys, sums.tolist())}
 
 
 class Progress:
     """One progress line on stderr per `every` seconds (epoch, step, loss, images/s, ETA); quiet silences it."""
 
     def __init__(self, total_steps, quiet=False, every=10.0):
-        self.total, self.quiet, self.every = total_steps, quiet, every
+        self.total, self.quiet, self.every = total_steps, quiet or rank() != 0, every
         self.t0 = self.last = time.time()
-        self.images = 0
+        self.images = self.steps = 0
 
-    def update(self, done_steps, epoch, step, loss, images):
-        self.images += images
+    def update(self, meter, images):
+        self.images, self.steps = self.images + images * world(), self.steps + 1
         now = time.time()
         if self.quiet or now - self.last < self.every:
             return
         self.last = now
-        rate = self.images / (now - self.t0)
-        eta = (now - self.t0) / max(done_steps, 1) * (self.total - done_steps)
-        print(f"epoch {epoch} step {step} loss {loss:.4f} {rate:.1f} img/s ETA {eta / 60:.1f} min",
-              file=sys.stderr, flush=True)
+        eta = (now - self.t0) / self.steps * (self.total - self.steps)
+        print(f"epoch {meter.epoch} step {meter.steps} loss {meter.loss():.4f} {self.rate():.1f} img/s "
+              f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
     def rate(self):
         return self.images / max(time.time() - self.t0, 1e-9)
 
 
-def log_epoch(out, record, quiet):
-    """Append one JSON line per epoch to log.jsonl (and echo it on stdout)."""
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if not quiet:
-        print(json.dumps(record), flush=True)
-
-
-def check_finite(loss, epoch, step, out):
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}; "
-                                 f"the last good checkpoint is kept in {out}")
-
-
 def generators(seed, epoch, device, stream=0):
-    """Per-epoch RNGs (CPU for sampling order, device for augmentation) derived from (seed, epoch, stream), so a
-    resumed run draws exactly what an uninterrupted one would. Fine-tuning draws its labeled batches from
-    stream 0 and its unlabeled ones from stream 1: the labeled sequence is the same with or without them."""
+    """Per-epoch RNGs derived from (seed, epoch, stream): CPU for the sample order (the same on every rank),
+    device for augmentation (one per rank), so a resumed run draws exactly what an uninterrupted one would.
+    Fine-tuning draws labeled batches from stream 0 and unlabeled ones from stream 1: the labeled sequence is the
+    same with or without them."""
     base = seed * 100003 + epoch + 1000003 * stream
-    return torch.Generator().manual_seed(base), torch.Generator(device=device).manual_seed(base + 7919)
+    g_dev = torch.Generator(device=device).manual_seed(base + 7919 + 104729 * rank())
+    return torch.Generator().manual_seed(base), g_dev
+
+
+def share(indices):
+    """This rank's share (B,) of a global batch of indices (W B,) drawn identically on every rank."""
+    return indices.view(world(), -1)[rank()]
 
 
 def autocast(device):
@@ -546,6 +723,17 @@ def to_device(x, device):
     if device.type == "cuda" and (isinstance(x, nn.Module) or x.dim() == 4):
         x = x.to(memory_format=torch.channels_last)
     return x
+
+
+def parallel(model, cfg, device, find_unused=False):
+    """The model a training step calls: SyncBatchNorm with --sync-bn, DistributedDataParallel under torchrun,
+    torch.compile with --compile; the plain model otherwise."""
+    if world() > 1:
+        if cfg["sync_bn"]:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                    find_unused_parameters=find_unused)
+    return torch.compile(model) if cfg["compile"] else model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -586,70 +774,62 @@ def slices_of(volumes, ids, cfg, labels=True):
 # ----------------------------------------------------------------------------------------------------------
 # pretrain
 # ----------------------------------------------------------------------------------------------------------
-def pretrain(cfg):
+LOSS_KEYS = ("loss", "tau", "lambda_loc", "negatives")
+
+
+def pretrain(cfg, given=()):
     """Self-supervised pre-training of E with L = L_g + lambda_loc * L_loc on train+val images."""
-    cfg, ckpt = resume_or_new(cfg, ("model", "optimizer", "epoch", "config"), "pretrain")
-    out, device = cfg["out"], torch.device(cfg["device"])
+    cfg, ckpt = open_run(cfg, "pretrain", given)
+    device = torch.device(cfg["device"])
     _, volumes, split = load_split_volumes(cfg)
     images = to_device(slices_of(volumes, split["train"] + split["val"], cfg, labels=False), device)
     b, n = cfg["batch_size"], len(images)
-    steps = n // b
+    steps = n // (b * world())
     if steps == 0:
-        raise data.DataError(f"--batch-size {b} is larger than the {n} pre-training slices")
+        raise data.DataError(f"--batch-size {b} x {world()} processes is larger than the {n} pre-training slices")
     torch.manual_seed(cfg["seed"])
-    model = PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]).to(device)
+    model = to_device(PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    start = 0
     if ckpt:
-        load_state(model, ckpt["model"], out)
+        load_state(model, ckpt["model"], os.path.join(cfg["out"], "last.pt"))
         opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["epoch"]
-    else:
-        start_run(cfg, split)
-    model = to_device(model, device)
-    step_fn = torch.compile(model) if cfg["compile"] else model
-    note(cfg, f"pretrain: {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, "
-              f"{steps} steps/epoch, epochs {start}->{cfg['epochs']}")
+    log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
+    step_fn = parallel(model, cfg, device, find_unused=cfg["loss"] != "both")
+    note(cfg, f"pretrain: {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, {steps} steps "
+              f"of {b} x {world()} slices per epoch, epochs {start}->{cfg['epochs']}")
     progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
     for epoch in range(start, cfg["epochs"]):
         g_cpu, g_dev = generators(cfg["seed"], epoch, device)
         order = torch.randperm(n, generator=g_cpu).to(device)
-        sums, t0 = {}, time.time()
+        meter, t0 = Meter(cfg, epoch + 1), time.time()
         for step in range(steps):
-            losses = pretrain_step(step_fn, opt, images[order[step * b:(step + 1) * b]], g_dev, cfg)
-            loss = losses["loss"].item()                                    # stop on a non-finite loss
-            check_finite(loss, epoch + 1, step + 1, out)
-            sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
-            progress.update((epoch - start) * steps + step + 1, epoch + 1, step + 1, loss, b)
-        record = {k: round(float(v) / steps, 5) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, images_per_s=round(steps * b / (time.time() - t0), 1), lr=cfg["lr"])
-        save_pretrain(out, model, opt, epoch + 1, cfg)
-        log_epoch(out, record, cfg["quiet"])
-    write_json({"finished": True, "epochs": cfg["epochs"]}, os.path.join(out, "done.json"))
+            batch = images[share(order[step * b * world():(step + 1) * b * world()])]
+            meter.add(pretrain_step(step_fn, opt, batch, g_dev, **{k: cfg[k] for k in LOSS_KEYS}))
+            progress.update(meter, b)
+        record = dict(meter.means(), epoch=epoch + 1, images_per_s=round(steps * b * world() / (time.time() - t0), 1),
+                      lr=cfg["lr"])
+        log = end_epoch(cfg, model, record, log, {
+            "encoder.pt": {"encoder": model.encoder.state_dict(), "config": {k: cfg[k] for k in ARCH_KEYS}},
+            "last.pt": {"kind": "pretrain", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1, "config": cfg}})
+    if rank() == 0:
+        write_json({"finished": True, "epochs": cfg["epochs"]}, os.path.join(cfg["out"], "done.json"))
     return model
 
 
-def pretrain_step(model, opt, x, g, cfg):
+def pretrain_step(model, opt, x, g, loss="both", tau=0.1, lambda_loc=1.0, negatives="same"):
     """One step: two views -> forward -> L_g + lambda_loc * L_loc -> backward -> Adam.
 
-    Returns the detached losses {"loss", "global", "local"} (tensors on the device)."""
+    x: (B, 1, H, W) slices; g: the device generator of the views; the rest as pretrain_loss.
+    Returns the detached losses {"global", "local", "loss"} (tensors on the device)."""
     views, thetas = make_view(torch.cat([x, x]), g)                         # both views in one batch
     (xq, xk), (theta_q, theta_k) = views.chunk(2), thetas.chunk(2)
     with autocast(x.device):
-        loss, parts = pretrain_loss(model, xq, xk, theta_q, theta_k, cfg["loss"], cfg["tau"],
-                                    cfg["lambda_loc"], cfg["negatives"])
+        total, parts = pretrain_loss(model, xq, xk, theta_q, theta_k, loss, tau, lambda_loc, negatives)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     opt.step()
-    return dict(parts, loss=loss.detach())
-
-
-def save_pretrain(out, model, opt, epoch, cfg):
-    """last.pt (everything to resume) and encoder.pt (the encoder E alone, for fine-tuning)."""
-    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "config": cfg},
-                os.path.join(out, "last.pt"))
-    atomic_save({"encoder": model.encoder.state_dict(), "config": {k: cfg[k] for k in ARCH_KEYS}},
-                os.path.join(out, "encoder.pt"))
+    return dict(parts, loss=total.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -679,6 +859,8 @@ def augment_pair(x, m, g):
 def read_pretrained(cfg):
     """The state of E in a pre-training run's encoder.pt, after checking that its architecture is this run's."""
     ckpt = load_checkpoint(cfg["pretrained"], ("encoder", "config"))
+    if not isinstance(ckpt["encoder"], dict):
+        raise data.DataError(f"{cfg['pretrained']}: not an IDEAL checkpoint (its encoder is not a state dict)")
     check_arch(ckpt["config"], cfg, cfg["pretrained"])
     return ckpt["encoder"]
 
@@ -709,7 +891,7 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
             l1, l2 = model(torch.cat([xl, xu]))
             (l1, u1), (l2, u2) = l1.split([b, len(xu)]), l2.split([b, len(xu)])
         else:
-            (l1, l2), (u1, u2) = model(xl), model(xu)
+            (l1, l2), (u1, u2) = model(xl, xu)
         y1, y2 = weak_pseudo_labels(model, xw, threshold) if xw is not None else (
             (pseudo_label(u1, threshold), pseudo_label(u2, threshold)) if u1 is not None else (None, None))
         loss, sup, unsup = cross_consistency_loss(l1, l2, ml, u1, u2, y1, y2, weight)
@@ -727,13 +909,19 @@ def weak_pseudo_labels(model, xw, threshold):
     return pseudo_label(w1, threshold), pseudo_label(w2, threshold)
 
 
+def labeled_views(x_l, m_l, n, g_cpu, g_dev):
+    """This rank's n random labeled slices and masks, jointly augmented: (x (n, 1, H, W), m (n, H, W))."""
+    i = share(torch.randint(len(x_l), (n * world(),), generator=g_cpu)).to(x_l.device)
+    return augment_pair(x_l[i], m_l[i], g_dev)
+
+
 def unlabeled_views(x_u, n, g_cpu, g_dev, pseudo="same"):
-    """n random unlabeled slices augmented for Eq. 3: (strong view, weak view or None).
+    """This rank's n random unlabeled slices augmented for Eq. 3: (strong view, weak view or None).
 
     pseudo: "same", the pseudo-labels come from the strong view itself (weak view None); "weak", from the
     weak view, the same geometry without the intensity changes.
     """
-    x = x_u[torch.randint(len(x_u), (n,), generator=g_cpu).to(x_u.device)]
+    x = x_u[share(torch.randint(len(x_u), (n * world(),), generator=g_cpu)).to(x_u.device)]
     xw, _ = augment_geometry(x, None, g_dev)
     return augment_intensity(xw, g_dev), xw if pseudo == "weak" else None
 
@@ -759,80 +947,77 @@ def validate(model, x_val, m_val, cfg):
 
 
 def finetune_data(cfg, device):
-    """Labeled slices, unlabeled slices (training volumes outside the labeled subset) and validation slices."""
+    """(split, classes {num_classes, class_names}, slices): labeled, unlabeled (training volumes outside the
+    labeled subset) and validation slices. DataError without a labeled validation volume (model selection)."""
     layout, volumes, split = load_split_volumes(cfg)
-    cfg["num_classes"] = data.num_classes(layout, volumes)
-    cfg["class_names"] = list(data.CLASS_NAMES.get(layout, [str(c) for c in range(cfg["num_classes"])]))
+    n = data.num_classes(layout, volumes)
+    classes = {"num_classes": n, "class_names": list(data.CLASS_NAMES.get(layout, [str(c) for c in range(n)]))}
+    if not split["val"] or any(v.label is None for v in volumes if v.id in set(split["val"])):
+        raise data.DataError(f"{resolve_data(cfg)}: the split has no labeled validation volume; the best checkpoint "
+                             "is chosen on it (own layout: give at least 5 labeled cases, or pass --split)")
     x_l, m_l = slices_of(volumes, split["labeled"], cfg)
     x_u = slices_of(volumes, split["unlabeled"] or split["train"], cfg, labels=False)
     x_v, m_v = slices_of(volumes, split["val"], cfg)
     note(cfg, f"finetune: {len(split['labeled'])} labeled volumes ({len(x_l)} slices), "
               f"{len(split['unlabeled'])} unlabeled ({len(x_u)} slices), {len(split['val'])} val")
-    return split, (to_device(x_l, device), m_l.to(device), to_device(x_u, device), x_v, m_v)
+    return split, classes, (to_device(x_l, device), m_l.to(device), to_device(x_u, device), x_v, m_v)
 
 
-def finetune(cfg):
-    """Semi-supervised fine-tuning with the two decoders supervising each other (Eq. 3)."""
-    cfg, ckpt = resume_or_new(cfg, ("model", "optimizer", "epoch", "config", "best"), "finetune")
-    out, device = cfg["out"], torch.device(cfg["device"])
-    encoder_state = None if ckpt or cfg["no_pretrain"] else read_pretrained(cfg)
-    split, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
+def finetune_model(cfg, ckpt, encoder_state, device):
+    """The IDEALSegmenter and its Adam optimizer: from last.pt when resuming, else with the pre-trained E."""
     torch.manual_seed(cfg["seed"])
-    model = IDEALSegmenter(cfg["num_classes"], cfg["depth"], cfg["width"], cfg["same_decoders"]).to(device)
+    model = to_device(IDEALSegmenter(cfg["num_classes"], cfg["depth"], cfg["width"], cfg["same_decoders"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    start, best = 0, -1.0
     if ckpt:
-        load_state(model, ckpt["model"], out)
+        load_state(model, ckpt["model"], os.path.join(cfg["out"], "last.pt"))
         opt.load_state_dict(ckpt["optimizer"])
-        start, best = ckpt["epoch"], ckpt["best"]
-    else:
-        if encoder_state is not None:
-            load_encoder(model.encoder, encoder_state, cfg["pretrained"])
-        start_run(cfg, split)
-    model = to_device(model, device)
-    step_fn = torch.compile(model) if cfg["compile"] else model
+    elif encoder_state is not None:
+        load_encoder(model.encoder, encoder_state, cfg["pretrained"])
+    return model, opt
+
+
+def finetune(cfg, given=()):
+    """Semi-supervised fine-tuning with the two decoders supervising each other (Eq. 3)."""
+    cfg, ckpt = open_run(cfg, "finetune", given)
+    device = torch.device(cfg["device"])
+    encoder_state = None if ckpt or cfg["no_pretrain"] else read_pretrained(cfg)
+    split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
+    cfg.update(classes)
+    model, opt = finetune_model(cfg, ckpt, encoder_state, device)
+    log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
+    best = max([r["val_dice"] for r in log], default=-1.0)
+    step_fn = parallel(model, cfg, device)
     b, bu, steps = cfg["batch_size"], cfg["unlabeled_batch"], cfg["steps_per_epoch"]
     total = cfg["epochs"] * steps
     progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
     for epoch in range(start, cfg["epochs"]):
         g_cpu, g_dev = generators(cfg["seed"], epoch, device)
         gu_cpu, gu_dev = generators(cfg["seed"], epoch, device, stream=1)
-        sums = {}
+        meter = Meter(cfg, epoch + 1)
         for step in range(steps):
             t = epoch * steps + step
-            lr = learning_rate(cfg["lr"], t, total, cfg["schedule"])
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = learning_rate(cfg["lr"], t, total, cfg["schedule"])
             weight = cfg["unlabeled_weight"] * rampup(t, total, cfg["rampup"], cfg["warmup"])
-            i_l = torch.randint(len(x_l), (b,), generator=g_cpu).to(device)
-            xl, ml = augment_pair(x_l[i_l], m_l[i_l], g_dev)
+            xl, ml = labeled_views(x_l, m_l, b, g_cpu, g_dev)
             xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
                 else (None, None)
-            parts = finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"])
-            values = dict(zip(parts, torch.stack(list(parts.values())).tolist()))      # one sync per step
-            check_finite(values["loss"], epoch + 1, step + 1, out)                    # stop on a non-finite loss
-            sums = {k: sums.get(k, 0.0) + v for k, v in values.items()}
-            progress.update((epoch - start) * steps + step + 1, epoch + 1, step + 1, values["loss"],
-                            b if xu is None else b + bu)
-        val_dice = validate(model, x_v, m_v, cfg)
-        best = save_finetune(out, model, opt, epoch + 1, cfg, best, val_dice)
-        record = {k: round(v / steps, 5) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, val_dice=round(val_dice, 4), best_val_dice=round(best, 4),
-                      unlabeled_weight=round(weight, 5), images_per_s=round(progress.rate(), 1), lr=lr)
-        log_epoch(out, record, cfg["quiet"])
-    write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best}, os.path.join(out, "done.json"))
+            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"]))
+            progress.update(meter, b if xu is None else b + bu)
+        val_dice = validate(model, x_v, m_v, cfg) if rank() == 0 else 0.0
+        record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4),
+                      best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
+                      images_per_s=round(progress.rate(), 1), lr=opt.param_groups[0]["lr"])
+        files = {"best.pt": {"model": model.state_dict(), "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
+            if val_dice > best else {}
+        best = max(best, val_dice)
+        log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
+            "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+            "config": cfg}}))
+    if rank() == 0:
+        write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
+                   os.path.join(cfg["out"], "done.json"))
     return model
-
-
-def save_finetune(out, model, opt, epoch, cfg, best, val_dice):
-    """best.pt when the validation Dice improves, then last.pt; returns the best Dice so far."""
-    if val_dice > best:
-        best = val_dice
-        atomic_save({"model": model.state_dict(), "epoch": epoch, "val_dice": val_dice, "config": cfg},
-                    os.path.join(out, "best.pt"))
-    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "config": cfg}, os.path.join(out, "last.pt"))
-    return best
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -958,10 +1143,9 @@ def evaluate_run(cfg):
     clinical indices (clinical.csv, summary.json "clinical")."""
     run_cfg, model = load_run(cfg["run"], cfg["device"])
     root, layout, volumes, out = eval_setup(cfg, run_cfg)
-    os.makedirs(out, exist_ok=True)
-    for sub in ("pred", "png"):
-        if cfg[f"save_{sub}"]:
-            os.makedirs(os.path.join(out, sub), exist_ok=True)
+    for sub in ("", "pred", "png"):
+        if not sub or cfg[f"save_{sub}"]:
+            make_folder(os.path.join(out, sub))
     mode, labels = cfg["predict"] or run_cfg["predict"], list(range(1, run_cfg["num_classes"]))
     per_volume, rows, measured = [], [], []
     for vol in volumes:
@@ -1053,11 +1237,12 @@ def print_clinical(clinical):
 
 
 def write_csv(rows, path):
-    with open(f"{path}.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(f"{path}.tmp", path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1118,18 +1303,6 @@ def plan(inputs, cfg):
     return todo
 
 
-def write_atomic(path, write):
-    """write(tmp) to a hidden temporary file beside path (same extension), then os.replace: no half-written output."""
-    folder, base = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp{os.getpid()}-{base}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def predict_file(model, run_cfg, path, files, mode, batch_size, watch):
     """Segment one 3D (X, Y, Z) or 4D (X, Y, Z, T) image and write files ({kind: path} of plan): uint8 labels of
     the input's shape, float32 probabilities (*shape, C), the overlay PNG of the first frame. Returns the shape."""
@@ -1164,12 +1337,12 @@ def predict_run(cfg):
     t0 = time.perf_counter()
     for _, path, _ in todo:
         data.read_scan(path)
-    mode, batch_size = cfg["predict"] or run_cfg["predict"], cfg["predict_batch_size"] or run_cfg["batch_size"]
+    mode, batch_size = cfg["predict"] or run_cfg["predict"], cfg["batch_size"] or run_cfg["batch_size"]
     note(cfg, f"predict: {len(todo)} inputs checked in {time.perf_counter() - t0:.1f} s; run {cfg['run']}: ResNet-"
               f"{run_cfg['depth']} width {run_cfg['width']}, {run_cfg['size']}x{run_cfg['size']} at "
               f"{run_cfg['spacing']} mm, classes {', '.join(run_cfg['class_names'])}, predict {mode}, "
               f"batch {batch_size}, {cfg['device']}")
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     total = {}
     for i, (name, path, files) in enumerate(todo, 1):
         watch = Stopwatch()
@@ -1207,20 +1380,41 @@ def collect(runs, rows=None):
     table = {}
     for path in sorted(glob.glob(os.path.join(runs, "*", "L*", "seed*", "eval-test", "summary.json"))):
         row, frac = path.split(os.sep)[-5:-3]
-        if rows is None or row in rows:
-            with open(path) as f:
-                record = dict(json.load(f), validation=validation_curve(os.path.dirname(os.path.dirname(path))))
+        if (rows is None or row in rows) and re.fullmatch(r"L\d+(\.\d+)?", frac):
+            record = read_json(path)
+            if not is_summary(record):
+                raise data.DataError(f"{path}: not an eval summary (no mean {', '.join(m for m, _ in METRICS)})")
+            record["validation"] = validation_curve(os.path.dirname(os.path.dirname(path)))
             table.setdefault(row, {}).setdefault(frac[1:], []).append(record)
     order = rows or list(ROW_NAMES)
     return {row: dict(sorted(table[row].items(), key=lambda kv: float(kv[0])))
             for row in sorted(table, key=lambda r: order.index(r) if r in order else len(order))}
 
 
+def is_summary(record):
+    """An eval summary.json: {"mean": {metric: {"mean": ...}}} for every metric of METRICS."""
+    return isinstance(record, dict) and isinstance(record.get("mean"), dict) and all(
+        isinstance(record["mean"].get(m), dict) and "mean" in record["mean"][m] for m, _ in METRICS)
+
+
+def read_json(path):
+    """A JSON file of a run folder; DataError naming it if it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise data.DataError(f"{path}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
+
+
 def validation_curve(run):
     """Best validation Dice of a fine-tuning run and its spread (max - min) over the last 10 epochs."""
-    with open(os.path.join(run, "log.jsonl")) as f:
-        dice = [json.loads(line)["val_dice"] for line in f if line.strip()]
-    return {"best": max(dice), "spread": max(dice[-10:]) - min(dice[-10:])}
+    path = os.path.join(run, "log.jsonl")
+    try:
+        with open(path) as f:
+            dice = [json.loads(line)["val_dice"] for line in f if line.strip()]
+        return {"best": max(dice), "spread": max(dice[-10:]) - min(dice[-10:])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.DataError(f"{path}: not a fine-tuning log ({' '.join(str(e).split())[:160]})") from None
 
 
 def cell(values):
@@ -1259,9 +1453,8 @@ def report(cfg):
             results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
                                 **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()}))
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
-    with open(f"{cfg['out']}.md", "w") as f:
-        f.write(text)
+    make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
+    write_atomic(f"{cfg['out']}.md", lambda tmp: Path(tmp).write_text(text))
     write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], units="mm", results=results),
                f"{cfg['out']}.json")
     print(text, end="")
@@ -1284,10 +1477,15 @@ def images_per_second(step, images, device, steps):
     return images * steps / (time.perf_counter() - t0)
 
 
-def bare_step(model, opt, x):
-    """The bare model on ready-made images: forward -> mean of the outputs -> backward -> Adam, nothing else."""
-    with autocast(x.device):
-        loss = sum(out.float().mean() for out in model(x))
+def bare_step(model, opt, *batches, no_grad=()):
+    """The bare network on ready-made images: forward (each batch its own pass, as the training step makes them;
+    the no_grad batches without gradient) -> mean of the outputs -> backward -> Adam, nothing else."""
+    with autocast(batches[0].device):
+        with torch.no_grad():
+            for x in no_grad:
+                model(x)
+        outs = model(*batches)
+        loss = sum(o.float().mean() for pair in (outs if len(batches) > 1 else [outs]) for o in pair)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -1295,34 +1493,41 @@ def bare_step(model, opt, x):
 
 def bench_pretrain(cfg, device, pool, g):
     """The training loop's pre-training step (sampling, views, encoder, heads, both losses, backward, Adam, the
-    per-step finiteness check) vs the bare encoder+heads on 2B images of the same shape. Counts slices (B)."""
+    finiteness bookkeeping) vs the bare encoder+heads on 2B images of the same shape. Counts slices (B)."""
     b = cfg["batch_size"]
     model = to_device(PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    meter = Meter(cfg, 1)
 
     def full():
-        pretrain_step(model, opt, pool[torch.randint(len(pool), (b,), device=device)], g, cfg)["loss"].item()
+        x = pool[torch.randint(len(pool), (b,), device=device, generator=g)]
+        meter.add(pretrain_step(model, opt, x, g, **{k: cfg[k] for k in LOSS_KEYS}))
 
     return (images_per_second(full, b, device, cfg["steps"]),
             images_per_second(lambda: bare_step(model, opt, pool[:2 * b]), b, device, cfg["steps"]))
 
 
 def bench_finetune(cfg, device, pool, g):
-    """The training loop's fine-tuning step (labeled + unlabeled batch, augmentation, two decoders, Eq. 3,
-    backward, Adam, finiteness check) vs the bare network on the same 2B images. Counts images (2B)."""
-    b = cfg["batch_size"]
+    """The training loop's fine-tuning step with the default Eq. 3 settings (labeled and unlabeled batches drawn and
+    augmented, the passes the --forward and --pseudo settings make, Eq. 3, backward, Adam, finiteness bookkeeping)
+    vs the bare network making the same passes on ready-made images. Counts labeled + unlabeled images."""
+    b, bu = cfg["batch_size"], cfg["unlabeled_batch"]
     model = to_device(IDEALSegmenter(4, cfg["depth"], cfg["width"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     masks = (pool[:, 0] * 4).long().clamp(max=3)
+    meter, g_cpu = Meter(cfg, 1), torch.Generator().manual_seed(cfg["seed"])
 
     def full():
-        i = torch.randint(len(pool), (2 * b,), device=device)
-        xl, ml = augment_pair(pool[i[:b]], masks[i[:b]], g)
-        xu, _ = augment_pair(pool[i[b:]], None, g)
-        finetune_step(model, opt, xl, ml, xu, None, cfg["unlabeled_weight"], "joint")["loss"].item()
+        xl, ml = labeled_views(pool, masks, b, g_cpu, g)
+        xu, xw = unlabeled_views(pool, bu, g_cpu, g, cfg["pseudo"])
+        meter.add(finetune_step(model, opt, xl, ml, xu, xw, cfg["unlabeled_weight"], cfg["forward"],
+                                cfg["threshold"]))
 
-    return (images_per_second(full, 2 * b, device, cfg["steps"]),
-            images_per_second(lambda: bare_step(model, opt, pool[:2 * b]), 2 * b, device, cfg["steps"]))
+    xl, xu = pool[:b], pool[b:b + bu]
+    batches = (torch.cat([xl, xu]),) if cfg["forward"] == "joint" else (xl, xu)
+    weak = (xu,) if cfg["pseudo"] == "weak" else ()
+    return (images_per_second(full, b + bu, device, cfg["steps"]),
+            images_per_second(lambda: bare_step(model, opt, *batches, no_grad=weak), b + bu, device, cfg["steps"]))
 
 
 def bench(cfg):
@@ -1330,8 +1535,8 @@ def bench(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
-    pool = to_device(torch.rand(4 * cfg["batch_size"], 1, cfg["size"], cfg["size"], device=device, generator=g),
-                     device)
+    pool = to_device(torch.rand(4 * max(cfg["batch_size"], cfg["unlabeled_batch"]), 1, cfg["size"], cfg["size"],
+                                device=device, generator=g), device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bench: preset {cfg['preset']}, ResNet-{cfg['depth']} width {cfg['width']}, "
           f"{cfg['size']}x{cfg['size']}, batch {cfg['batch_size']}, {name}")
@@ -1351,9 +1556,22 @@ def bench(cfg):
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line on stderr (exit 2) instead of usage + error."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, formatter_class=Help, **kwargs)
+
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+class Help(argparse.HelpFormatter):
+    """Help that shows an option's default unless it is None or False or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def number(kind, low=0.0, inclusive=False, high=None):
@@ -1371,66 +1589,79 @@ def number(kind, low=0.0, inclusive=False, high=None):
     return parse
 
 
-def preset_help(key, text):
-    return f"{text} (preset: " + ", ".join(f"{p} {v[key]}" for p, v in PRESETS.items()) + ")"
+def text(value):
+    """argparse type: a non-empty string (a path)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
 
 
-def common_parser():
-    """Options shared by every sub-command."""
-    p = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="default: paper with a GPU, cpu without")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, split and augmentation")
+def preset_help(key, what):
+    return f"{what} (preset: " + ", ".join(f"{p} {v[key]}" for p, v in PRESETS.items()) + ")"
+
+
+def add_process_options(p):
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; one GPU per rank under "
+                   "torchrun)")
+    p.add_argument("--threads", type=number(int, high=1024), help="CPU threads of this process (default: torch's, "
+                   "all cores; give each of two jobs on one machine half of them)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--data", help="dataset folder (default: the synthetic phantom in cache/phantom)")
-    p.add_argument("--layout", default="auto", choices=("auto", "acdc", "mmwhs", "own"), help="dataset layout")
-    p.add_argument("--frames", default="ed", choices=("ed", "es", "both"), help="ACDC frames used")
-    p.add_argument("--label-map", help="remap raw label values, e.g. 1:3,3:1")
+
+
+def add_data_options(p, of_run=False):
+    run = " (default: the run's)"
+    p.add_argument("--data", type=text, help="dataset folder" + (run if of_run else " (default: the synthetic "
+                   "phantom in cache/phantom)"))
+    p.add_argument("--layout", default=None if of_run else "auto", choices=("auto", "acdc", "mmwhs", "own"),
+                   help="dataset layout" + (run if of_run else ""))
+    p.add_argument("--frames", default=None if of_run else "ed", choices=("ed", "es", "both"),
+                   help="ACDC frames used" + (run if of_run else ""))
+    p.add_argument("--label-map", help="remap raw label values, e.g. 1:3,3:1" + (run if of_run else ""))
+
+
+def add_model_options(p, command):
+    """Preset, seed, architecture, input and optimisation: each shows the presets' values for `command`."""
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper with a GPU, cpu without")
+    p.add_argument("--seed", type=number(int, inclusive=True, high=2 ** 32 - 1), default=0,
+                   help="seed of weights, split and augmentation")
     p.add_argument("--depth", type=int, choices=sorted(RESNETS), help=preset_help("depth", "ResNet depth"))
-    p.add_argument("--width", type=number(int), help=preset_help("width", "ResNet stem width"))
-    p.add_argument("--size", type=number(int), help=preset_help("size", "slice size in pixels"))
-    p.add_argument("--spacing", type=number(float), help=preset_help("spacing", "in-plane spacing in mm"))
-    p.add_argument("--batch-size", type=number(int), help=preset_help("batch_size", "slices per batch"))
-    p.add_argument("--lr", type=number(float), help=preset_help("pretrain_lr", "Adam learning rate of pretrain")
-                   + "; " + preset_help("finetune_lr", "of finetune"))
-    return p
+    p.add_argument("--width", type=number(int, high=1024), help=preset_help("width", "ResNet stem width"))
+    p.add_argument("--size", type=number(int, high=2048), help=preset_help("size", "slice size in pixels, a "
+                   "multiple of 32"))
+    p.add_argument("--spacing", type=number(float, high=100.0), help=preset_help("spacing", "in-plane spacing in mm"))
+    p.add_argument("--batch-size", type=number(int, high=65536), help=preset_help("batch_size", "slices per batch "
+                   "and process"))
+    p.add_argument("--lr", type=number(float), help=preset_help(f"{command}_lr", "Adam learning rate"))
 
 
-def training_parser():
-    """Options of pretrain and finetune."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--epochs", type=number(int), help=preset_help("pretrain_epochs", "epochs of pretrain") + "; " +
-                   preset_help("finetune_epochs", "of finetune") + "; with --resume: extends the run")
+def add_training_options(p, command):
+    p.add_argument("--out", type=text, required=True, help="run folder")
+    p.add_argument("--epochs", type=number(int, high=10 ** 6), help=preset_help(f"{command}_epochs", "epochs") +
+                   "; with --resume: extends the run")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    return p
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
 
 
-def build_parser():
-    parser = Parser(prog="ideal.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    kw = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common, training = common_parser(), training_parser()
-    p = sub.add_parser("pretrain", parents=[common, training], help="self-supervised pre-training of E", **kw)
+def add_pretrain_loss_options(p):
     p.add_argument("--loss", default="both", choices=("both", "local", "global"), help="L_g + L_loc, or one")
     p.add_argument("--tau", type=number(float), default=0.1, help="softmax temperature of Eq. 1 and 2")
     p.add_argument("--lambda-loc", type=number(float, inclusive=True), default=1.0, help="weight of L_loc")
     p.add_argument("--negatives", default="same", choices=("same", "all"), help="negatives of Eq. 2")
-    p.add_argument("--proj-dim", type=number(int), help=preset_help("proj_dim", "projection size"))
-    p = sub.add_parser("finetune", parents=[common, training], help="semi-supervised fine-tuning (Eq. 3)", **kw)
-    p.add_argument("--pretrained", help="encoder.pt of a pre-training run (required unless --no-pretrain)")
-    p.add_argument("--no-pretrain", action="store_true", help="random encoder initialisation")
-    p.add_argument("--labeled", type=number(float, high=100.0), default=1.25, help="L: %% of training volumes")
-    p.add_argument("--split", help="split.json to reuse instead of drawing one")
+    p.add_argument("--proj-dim", type=number(int, high=8192), help=preset_help("proj_dim", "projection size"))
+
+
+def add_finetune_loss_options(p):
+    """Eq. 3 and how its batches are formed (README, "Decisions and deviations")."""
     p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=0.1,
                    help="weight of the unlabeled term of Eq. 3 after ramp-up (0: supervised only)")
     p.add_argument("--rampup", type=number(float, inclusive=True, high=1.0), default=1.0,
                    help="fraction of the steps over which the unlabeled weight ramps up")
     p.add_argument("--warmup", type=number(float, inclusive=True, high=1.0), default=0.0,
                    help="fraction of the steps trained on labeled slices only, before the ramp-up starts")
-    p.add_argument("--unlabeled-batch", type=number(int, inclusive=True),
-                   help="unlabeled slices per step (default: --batch-size, 0 when --unlabeled-weight is 0)")
+    p.add_argument("--unlabeled-batch", type=number(int, inclusive=True, high=65536),
+                   help="unlabeled slices per step and process, 0: none (default: --batch-size; at --unlabeled-weight 0 they "
+                   "still feed BatchNorm statistics)")
     p.add_argument("--forward", default="joint", choices=("joint", "separate"),
                    help="labeled and unlabeled slices in one forward pass (shared BatchNorm statistics) or two")
     p.add_argument("--pseudo", default="same", choices=("same", "weak"),
@@ -1438,63 +1669,105 @@ def build_parser():
     p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.0,
                    help="confidence below which pseudo-labelled pixels are ignored")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
-    p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
-    p.add_argument("--predict", default="mean", choices=("mean", "d1", "d2"), help="prediction used for val")
-    p.add_argument("--steps-per-epoch", type=number(int), help=preset_help("steps_per_epoch", "steps per epoch"))
-    p = sub.add_parser("eval", parents=[common_parser()], help="metrics of a fine-tuned run on the native grid",
-                       description="Scores a fine-tuned run on its own split or on every labeled volume of any "
-                       "dataset. --data, --layout, --frames and --label-map default to the run's (shown as None).", **kw)
-    p.set_defaults(layout=None, frames=None)
-    p.add_argument("--run", required=True, help="fine-tuning run folder")
+
+
+def add_eval_options(p):
+    p.add_argument("--run", type=text, required=True, help="fine-tuning run folder (holding best.pt)")
     p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train", "all"),
                    help="test|val|train: the run's split.json (ACDC by patient, so --frames both scores ED and ES), "
                    "results in RUN/eval-SPLIT (eval-SPLIT-FRAMES when --frames differs from the run's); all: every "
                    "labeled volume of --data, results in RUN/eval-<data folder name>-all")
-    p.add_argument("--predict", choices=("mean", "d1", "d2"), help="default: the run's")
+    p.add_argument("--predict", choices=("mean", "d1", "d2"), help="decoders' prediction (default: the run's)")
     p.add_argument("--save-pred", action="store_true", help="write eval-SPLIT/pred/ID.nii.gz")
     p.add_argument("--save-png", action="store_true", help="write eval-SPLIT/png/ID.png overlays")
-    p = sub.add_parser("predict", help="segment new scans with a fine-tuned run", description="Segments 3D and 4D "
-                       "NIfTI scans with a fine-tuning run's best.pt (architecture, preprocessing and classes come "
-                       "from it; no dataset needed) into OUT/NAME.nii.gz: uint8 labels with the input's shape, "
-                       "affine and header. Every input is checked before the first output is written; existing "
-                       "outputs are kept unless --overwrite, so an interrupted batch continues.", **kw)
-    p.add_argument("--run", required=True, help="fine-tuning run folder (holding best.pt)")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH", help=".nii/.nii.gz files, or folders "
-                   "searched recursively; 3D (x, y, z) or 4D cine (x, y, z, t), segmented frame by frame")
-    p.add_argument("--out", required=True, help="output folder: NAME.nii.gz for input NAME.nii(.gz)")
+
+
+def add_predict_options(p):
+    p.add_argument("--run", type=text, required=True, help="fine-tuning run folder (holding best.pt)")
+    p.add_argument("--input", type=text, required=True, nargs="+", metavar="PATH", help=".nii/.nii.gz files, or "
+                   "folders searched recursively; 3D (x, y, z) or 4D cine (x, y, z, t), segmented frame by frame")
+    p.add_argument("--out", type=text, required=True, help="output folder: NAME.nii.gz for input NAME.nii(.gz)")
     p.add_argument("--probabilities", action="store_true", help="also write NAME_prob.nii.gz, float32 class "
                    "probabilities on the native grid: (x, y, z, C) for 3D inputs, (x, y, z, t, C) for 4D")
     p.add_argument("--save-png", action="store_true", help="also write NAME.png: image | prediction for three mid "
                    "slices (of the first frame of a 4D input)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--predict", choices=("mean", "d1", "d2"), help="default: the run's")
-    p.add_argument("--batch-size", dest="predict_batch_size", type=number(int), metavar="N",
-                   help="slices per forward pass (default: the run's)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(preset=None, size=None)  # read by resolve(); predict takes every model value from the run
-    p = sub.add_parser("report", help="results table from the eval summaries of run.sh's run folders", **kw)
-    p.add_argument("--runs", required=True, help="folder with <row>/L<fraction>/seed<k>/eval-test/summary.json")
-    p.add_argument("--out", required=True, help="writes OUT.md and OUT.json")
+    p.add_argument("--predict", choices=("mean", "d1", "d2"), help="decoders' prediction (default: the run's)")
+    p.add_argument("--batch-size", type=number(int, high=65536), help="slices per forward pass (default: the run's)")
+
+
+def add_report_options(p):
+    p.add_argument("--runs", type=text, required=True, help="folder with <row>/L<fraction>/seed<k>/eval-test/")
+    p.add_argument("--out", type=text, required=True, help="writes OUT.md and OUT.json")
     p.add_argument("--dataset", default="acdc", help="whose Table 1 numbers to show beside IDEAL (acdc, mmwhs; "
                    "any other name shows none)")
     p.add_argument("--rows", help="the rows to tabulate, space-separated, in this order (default: every row found)")
     p.add_argument("--title", default="IDEAL results", help="heading of the table")
     p.add_argument("--made-by", default="", help="the command that made the runs")
     p.add_argument("--commit", default="", help="the commit that made the runs")
-    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
-    p = sub.add_parser("bench", parents=[common], help="training-step throughput vs the bare model", **kw)
+
+
+def build_parser():
+    parser = Parser(prog="ideal.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    p = sub.add_parser("pretrain", help="self-supervised pre-training of E")
+    add_model_options(p, "pretrain"), add_data_options(p), add_training_options(p, "pretrain")
+    add_pretrain_loss_options(p), add_process_options(p)
+    p = sub.add_parser("finetune", help="semi-supervised fine-tuning (Eq. 3)")
+    add_model_options(p, "finetune"), add_data_options(p), add_training_options(p, "finetune")
+    p.add_argument("--pretrained", type=text, help="encoder.pt of a pre-training run (required unless "
+                   "--no-pretrain)")
+    p.add_argument("--no-pretrain", action="store_true", help="random encoder initialisation")
+    p.add_argument("--labeled", type=number(float, high=100.0), default=1.25, help="L: %% of training volumes")
+    p.add_argument("--split-file", dest="split", type=text, help="split.json to reuse instead of drawing one")
+    add_finetune_loss_options(p)
+    p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
+    p.add_argument("--predict", default="mean", choices=("mean", "d1", "d2"), help="prediction used for val")
+    p.add_argument("--steps-per-epoch", type=number(int, high=10 ** 7), help=preset_help("steps_per_epoch",
+                   "steps per epoch"))
+    add_process_options(p)
+    p = sub.add_parser("eval", help="metrics of a fine-tuned run on the native grid", description="Scores a "
+                       "fine-tuned run on its own split or on every labeled volume of any dataset.")
+    add_eval_options(p), add_data_options(p, of_run=True), add_process_options(p)
+    p = sub.add_parser("predict", help="segment new scans with a fine-tuned run", description="Segments 3D and 4D "
+                       "NIfTI scans with a fine-tuning run's best.pt (architecture, preprocessing and classes come "
+                       "from it; no dataset needed) into OUT/NAME.nii.gz: uint8 labels with the input's shape, "
+                       "affine and header. Every input is checked before the first output is written; existing "
+                       "outputs are kept unless --overwrite, so an interrupted batch continues.")
+    add_predict_options(p), add_process_options(p)
+    p = sub.add_parser("report", help="results table from the eval summaries of run.sh's run folders")
+    add_report_options(p)
+    p = sub.add_parser("bench", help="training-step throughput vs the bare model (the default losses)")
+    add_model_options(p, "pretrain"), add_pretrain_loss_options(p), add_finetune_loss_options(p)
     p.add_argument("--steps", type=number(int), default=5, help="timed steps")
-    p.set_defaults(loss="both", tau=0.1, lambda_loc=1.0, negatives="same", proj_dim=None, unlabeled_weight=0.1)
+    add_process_options(p)
     return parser
 
 
+def check_device(name, parser):
+    """The torch device of --device (default: cuda if available, else cpu); one line for one this machine lacks."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        parser.error(f"argument --device: {name!r} is not a torch device")
+    here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if here.get(device.type, 0) <= (device.index or 0) or (device.type == "cpu" and device.index):
+        parser.error(f"argument --device: {name} is not on this machine (it has cpu"
+                     + (f", cuda:0-{here['cuda'] - 1}" if here["cuda"] else "") + ")")
+    return name
+
+
 def resolve(args, parser):
-    """The run's configuration: preset values, overridden by every flag given."""
+    """The command's configuration: preset values, overridden by every flag given."""
     cfg = vars(args).copy()
-    if args.command == "report":
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    if "device" in cfg:
+        cfg["device"] = check_device(cfg["device"], parser)
+    if "preset" not in cfg:                          # eval, predict and report take their values from the run
         return cfg
-    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg["preset"] = cfg["preset"] or ("paper" if cfg["device"].startswith("cuda") else "cpu")
     preset = PRESETS[cfg["preset"]]
     for key, value in preset.items():
@@ -1505,28 +1778,43 @@ def resolve(args, parser):
     if cfg["size"] % 32:
         parser.error(f"argument --size: must be a multiple of 32 (the encoder's stride), got {cfg['size']}")
     if args.command == "finetune" and not (cfg["pretrained"] or cfg["no_pretrain"] or cfg["resume"]):
-        parser.error("finetune: --pretrained ENCODER.pt is required unless --no-pretrain is given")
-    if args.command == "finetune" and cfg["unlabeled_batch"] is None:
-        cfg["unlabeled_batch"] = cfg["batch_size"] if cfg["unlabeled_weight"] > 0 else 0
+        parser.error("argument --pretrained: ENCODER.pt is required unless --no-pretrain is given")
+    if "unlabeled_batch" in cfg and cfg["unlabeled_batch"] is None:
+        cfg["unlabeled_batch"] = cfg["batch_size"]
     if args.command != "bench":
         note(cfg, f"{args.command}: preset {cfg['preset']} on {cfg['device']}")
     return cfg
 
 
+def given_options(argv):
+    """The options named on the command line, as config keys (a resumed run refuses changed ones)."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {"split" if name == "split_file" else name for name in names}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("pretrain", "finetune") and int(os.environ.get("RANK", "0")) != 0:
+        return 0                                     # under torchrun, eval, predict, report and bench run on rank 0
     cfg = resolve(args, parser)
-    command = {"pretrain": pretrain, "finetune": finetune, "eval": evaluate_run, "predict": predict_run,
-               "bench": bench, "report": report}[args.command]
     try:
-        command(cfg)
+        if args.command in ("pretrain", "finetune"):
+            cfg["device"] = str(init_distributed(torch.device(cfg["device"])))
+            with claimed(cfg["out"]):
+                {"pretrain": pretrain, "finetune": finetune}[args.command](cfg, given_options(argv))
+        else:
+            {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command](cfg)
     except data.DataError as e:
         print(f"ideal.py {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
-        print(f"ideal.py {args.command}: error: {e}", file=sys.stderr)
+    except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as e:
+        print(f"ideal.py {args.command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
+    finally:
+        if world() > 1:
+            dist.destroy_process_group()
     return 0
 
 

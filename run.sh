@@ -1,47 +1,52 @@
 #!/usr/bin/env bash
 # IDEAL's protocol end to end: pre-train, fine-tune each row at each label fraction, evaluate, tabulate.
 #
-#   bash run.sh                      the embedded default: synthetic phantom, cpu preset, short schedule
-#                                    (about 10 minutes on a 2-core laptop)
+#   bash run.sh                      the embedded default: synthetic phantom, demo preset (the cpu model, a short
+#                                    schedule), about 5 minutes on a 2-core laptop
 #   DATA=/path/to/ACDC bash run.sh   the paper's protocol on real ACDC (L = 1.25, 2.5, 10, 100 %)
 #
 # Environment (all optional):
 #   DATA       dataset folder (default: the synthetic phantom, written once to cache/phantom)
 #   DATASET    acdc | mmwhs | own: label fractions and the paper's numbers shown (default: acdc)
-#   PRESET     cpu | paper (default: paper with a GPU, cpu without)
+#   PRESET     cpu | paper | demo (default: paper with a GPU, cpu without; demo for the phantom)
 #   SEEDS      fine-tuning runs per setting; the paper reports the mean of 5 (default: 1)
-#   ROWS       any of: ideal supervised global local same-decoders pretrained-supervised ideal-w1
-#              (default: the first five; phantom: ideal supervised)
+#   ROWS       rows of the table (default: ideal supervised pretrained-supervised global local same-decoders;
+#              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
+#   TABLE      results/<dataset>-<preset>[-TABLE].md: a separate table for a separate question (e.g. ablation)
+#   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
 #   PRETRAIN_FLAGS, FINETUNE_FLAGS  extra flags for every pretrain / finetune call (e.g. --epochs 50)
 # Re-running skips every finished step (a run folder with done.json, an eval with summary.json) and resumes a
 # run folder that has last.pt but no done.json, so an interrupted protocol continues where it stopped.
+# Two runs side by side on one machine: give each half the cores, e.g. OMP_NUM_THREADS=1 bash run.sh on 2 cores
+# (two jobs that each take every core slow each other down 10-15x).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 DATASET=${DATASET:-acdc}
+PRESET_GIVEN=${PRESET:-}
 PRESET=${PRESET:-$($PY -c 'import torch; print("paper" if torch.cuda.is_available() else "cpu")')}
 SEEDS=${SEEDS:-1}
 DATA_FLAGS=()
 if [ -n "${DATA:-}" ]; then
   DATA_FLAGS=(--data "$DATA")
-  NAME=$DATASET-$PRESET
-  ROWS=${ROWS:-ideal supervised global local same-decoders}
+  BASE=$DATASET-$PRESET
+  ROWS=${ROWS:-ideal supervised pretrained-supervised global local same-decoders}
 else
-  NAME=phantom-$PRESET
+  PRESET=${PRESET_GIVEN:-demo}
+  BASE=phantom-$PRESET
   ROWS=${ROWS:-ideal supervised}
-  PRETRAIN_FLAGS=${PRETRAIN_FLAGS:---epochs 15}
-  FINETUNE_FLAGS=${FINETUNE_FLAGS:---epochs 4 --steps-per-epoch 20 --batch-size 8}
 fi
+NAME=$BASE${TABLE:+-$TABLE}
 case $DATASET in
   acdc) FRACTIONS=${FRACTIONS:-1.25 2.5 10 100} ;;
   mmwhs) FRACTIONS=${FRACTIONS:-10 20 40 100} ;;
   own) FRACTIONS=${FRACTIONS:-10 100} ;;
   *) echo "run.sh: error: DATASET must be acdc, mmwhs or own, got '$DATASET'" >&2; exit 2 ;;
 esac
-OUT=${OUT:-runs/$NAME}
+OUT=${OUT:-runs/$BASE}
 read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_FLAGS:-}"
 read -r -a FINETUNE_EXTRA <<< "${FINETUNE_FLAGS:-}"
 COMMON=(--preset "$PRESET" "${DATA_FLAGS[@]}")
@@ -68,16 +73,29 @@ pretrained() {  # LOSS -> encoder.pt of the pre-training with that loss (run onc
   echo "$OUT/pretrain-$1/encoder.pt"
 }
 
+# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt") pins every flag it tests, so it means
+# the same whatever the defaults are.
 for row in $ROWS; do
   case $row in
-    ideal) encoder=$(pretrained both); init=(--pretrained "$encoder") ;;
-    supervised) init=(--no-pretrain --unlabeled-weight 0) ;;
-    global | local) encoder=$(pretrained "$row"); init=(--pretrained "$encoder") ;;
-    same-decoders) encoder=$(pretrained both); init=(--pretrained "$encoder" --same-decoders) ;;
-    pretrained-supervised) encoder=$(pretrained both); init=(--pretrained "$encoder" --unlabeled-weight 0) ;;
-    ideal-w1) encoder=$(pretrained both); init=(--pretrained "$encoder" --unlabeled-weight 1 --rampup 0.4) ;;
-    *) echo "run.sh: error: unknown row '$row' (ideal supervised global local same-decoders" \
-         "pretrained-supervised ideal-w1)" >&2
+    ideal) init=(--pretrained "$(pretrained both)") ;;
+    supervised) init=(--no-pretrain --unlabeled-weight 0 --unlabeled-batch 0) ;;
+    pretrained-supervised) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0) ;;
+    global | local) init=(--pretrained "$(pretrained "$row")") ;;
+    same-decoders) init=(--pretrained "$(pretrained both)" --same-decoders) ;;
+    e0-no-unlabeled) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0
+                           --schedule constant) ;;
+    e1-joint-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward joint --schedule constant) ;;
+    e2-separate-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
+                          --schedule constant) ;;
+    e3-separate-w0-poly) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
+                               --schedule poly) ;;
+    f1-separate-w0.1) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
+                            --pseudo same --threshold 0 --warmup 0 --schedule constant) ;;
+    f2-weak) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
+                   --pseudo weak --threshold 0 --warmup 0 --schedule constant) ;;
+    f4-weak-t0.9-w1) init=(--pretrained "$(pretrained both)" --unlabeled-weight 1 --rampup 0.4 --forward separate
+                           --pseudo weak --threshold 0.9 --warmup 0 --schedule constant) ;;
+    *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
   for frac in $FRACTIONS; do
@@ -87,22 +105,26 @@ for row in $ROWS; do
     for ((seed = 0; seed < SEEDS; seed++)); do
       dir=$OUT/$row/L$frac/seed$seed
       train finetune "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}"
-      [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" "${COMMON[@]}" --quiet --save-png
+      [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --save-png
     done
   done
 done
 
 mkdir -p results
-say "$PY" ideal.py report --runs "$OUT" --out "results/$NAME" --dataset "$DATASET" \
-  --title "IDEAL on ${DATA:-the synthetic phantom} ($PRESET preset)" \
-  --made-by "${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS' bash run.sh" \
+say "$PY" ideal.py report --runs "$OUT" --out "results/$NAME" --dataset "${DATA:+$DATASET}" --rows "$ROWS" \
+  --title "IDEAL on $([ -n "${DATA:-}" ] && basename "$DATA" || echo the synthetic phantom) ($PRESET preset)" \
+  --made-by "${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS'${TABLE:+ TABLE=$TABLE} bash run.sh" \
   --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-say "$PY" ideal.py bench --preset "$PRESET" > "results/bench-$PRESET.txt"
-say "$PY" metrics.py --bench > results/metrics-bench.txt
 echo "wall time: $(( $(date +%s) - START )) s on $(nproc) cores" >> "results/$NAME.md"
+PASTE=("results/$NAME.md")
+if [ "${BENCH:-1}" = 1 ]; then
+  say "$PY" ideal.py bench --preset "$PRESET" > "results/bench-$PRESET.txt"
+  say "$PY" metrics.py --bench > results/metrics-bench.txt
+  PASTE+=("results/bench-$PRESET.txt" results/metrics-bench.txt)
+fi
 
 # Paste each results file into README.md between its markers <!-- results/FILE --> ... <!-- /results/FILE -->.
-for file in "results/$NAME.md" "results/bench-$PRESET.txt" results/metrics-bench.txt; do
+for file in "${PASTE[@]}"; do
   grep -q "<!-- $file -->" README.md 2>/dev/null || continue
   awk -v start="<!-- $file -->" -v stop="<!-- /$file -->" -v path="$file" '
     $0 == start { print; if (path ~ /\.txt$/) print "```"; while ((getline line < path) > 0) print line;

@@ -5,8 +5,11 @@ and the command lines on a tiny phantom. Tests that need ../shared/data skip wit
 import gzip
 import io
 import itertools
+import fcntl
 import json
 import math
+import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -1093,11 +1096,11 @@ def test_pretraining_steps_reduce_loss():
     g = torch.Generator().manual_seed(0)
     model = ideal.PretrainNet(depth=10, width=8, proj_dim=16)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    cfg = dict(loss="both", tau=0.5, lambda_loc=1.0, negatives="same")
     x, _ = blob_batch(8, 64, g)
     losses = []
     for _ in range(25):
-        losses.append(ideal.pretrain_step(model, opt, x, torch.Generator().manual_seed(len(losses)), cfg)["loss"].item())
+        losses.append(ideal.pretrain_step(model, opt, x, torch.Generator().manual_seed(len(losses)), tau=0.5)["loss"]
+                      .item())
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
@@ -1218,7 +1221,8 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
 
 def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
     rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "sup", "--no-pretrain",
-                         "--unlabeled-weight", "0", "--same-decoders", "--epochs", "1", "--steps-per-epoch", "2", *TINY)
+                         "--unlabeled-weight", "0", "--unlabeled-batch", "0", "--same-decoders", "--epochs", "1",
+                         "--steps-per-epoch", "2", *TINY)
     assert rc == 0, err
     log = json.loads((tmp_path / "sup" / "log.jsonl").read_text())
     assert log["unsup"] == 0.0
@@ -1242,16 +1246,21 @@ def test_bench_cli_prints_ratios():
     (["pretrain", "--out", "x", "--size", "100"], ["--size", "multiple of 32"]),
     (["finetune", "--out", "x"], ["--pretrained"]),
     (["finetune", "--out", "x", "--no-pretrain", "--labeled", "150"], ["--labeled"]),
+    (["pretrain", "--out", "x", "--device", "foo"], ["--device", "foo"]),
+    (["pretrain", "--out", "x", "--device", "cuda:7"], ["--device", "cuda:7"]),
+    (["pretrain", "--out", "x", "--device", "cpu:-1"], ["--device"]),
+    (["pretrain", "--out", "x", "--device", "meta"], ["--device", "meta"]),
+    (["pretrain", "--out", "x", "--seed", "-1"], ["--seed"]),
+    (["pretrain", "--out", "x", "--seed", str(2 ** 63)], ["--seed"]),
+    (["pretrain", "--out", "x", "--width", "100000"], ["--width"]),
+    (["pretrain", "--out", ""], ["--out", "empty"]),
+    (["eval", "--run", "x", "--lr", "0.1"], ["unrecognized", "--lr"]),
+    (["eval", "--run", "x", "--preset", "cpu"], ["unrecognized", "--preset"]),
 ])
 def test_bad_options(args, words, tmp_path):
     rc, _, err = run_cli("ideal.py", *args, cwd=tmp_path)
     assert_one_error_line((rc, "", err), *words)
     assert not (tmp_path / "x").exists()
-
-
-def test_resume_without_checkpoint(tmp_path):
-    rc, _, err = run_cli("ideal.py", "pretrain", "--out", tmp_path / "none", "--resume", *TINY)
-    assert_one_error_line((rc, "", err), "last.pt")
 
 
 def test_missing_data_folder_writes_nothing(tmp_path):
@@ -1285,12 +1294,179 @@ def test_bad_pretrained_checkpoints(kind, phantom, pretrained, tmp_path):
         assert "width=8 (this run: 16)" in err
 
 
-def test_non_finite_loss_stops_with_epoch_and_step(phantom, pretrained, tmp_path):
+def test_non_finite_loss_stops_and_the_same_command_starts_again(phantom, tmp_path):
+    """A run that dies before its first checkpoint holds nothing to lose: the same command starts it again."""
     out = tmp_path / "nan"
-    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", out, "--epochs", "1", "--lr", "1e30",
-                         "--tau", "1e-30", *TINY)
-    assert rc == 1 and "non-finite loss at epoch 1 step" in err and "Traceback" not in err
-    assert not (out / "last.pt").exists()
+    args = ["pretrain", "--data", phantom, "--out", out, "--epochs", "1", *TINY]
+    rc, _, err = run_cli("ideal.py", *args, "--lr", "1e30", "--tau", "1e-30")
+    assert rc == 1 and "non-finite loss in epoch 1" in err and "Traceback" not in err, err
+    assert "no checkpoint was written" in err and not (out / "last.pt").exists()
+    for extra in ([], ["--resume"]):
+        rc, _, err = run_cli("ideal.py", *args, *extra)
+        assert rc == 0 and (out / "done.json").is_file(), err
+        (out / "done.json").unlink(), (out / "last.pt").unlink()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "eval", "predict", "report", "bench"])
+def test_help_shows_real_defaults_and_each_commands_own_presets(command, capsys):
+    with pytest.raises(SystemExit):
+        ideal.build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    lr = {"pretrain": "cpu 0.001", "finetune": "cpu 0.003"}
+    if command in lr:
+        assert lr[command] in text and lr["finetune" if command == "pretrain" else "pretrain"] not in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs and checkpoints: interruptions, copies, concurrent processes, bad options (issue 12)
+# ----------------------------------------------------------------------------------------------------------
+class Killed(BaseException):
+    """Stands in for SIGKILL at a chosen moment: raised from inside a checkpoint save."""
+
+
+def kill_at_save(monkeypatch, n):
+    """Make the n-th atomic_save of this process raise Killed before it writes anything."""
+    real, calls = ideal.atomic_save, []
+
+    def save(obj, path):
+        calls.append(path)
+        if len(calls) == n:
+            raise Killed(path)
+        real(obj, path)
+    monkeypatch.setattr(ideal, "atomic_save", save)
+
+
+def log_epochs(run):
+    return [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_kill_at_any_save_resumes_to_a_complete_current_run(phantom, tmp_path, monkeypatch, capsys):
+    """Killed before each of the 4 saves of a 2-epoch pre-training (encoder.pt, then last.pt, per epoch), then the
+    same command with --resume: done.json with a current encoder.pt, one log line per epoch, the same weights."""
+    args = ["pretrain", "--data", str(phantom), "--epochs", "2", *TINY]
+    assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    want = weights(tmp_path / "whole" / "last.pt")
+    for n in range(1, 5):
+        out = tmp_path / f"killed{n}"
+        kill_at_save(monkeypatch, n)
+        with pytest.raises(Killed):
+            ideal.main([*args, "--out", str(out)])
+        monkeypatch.undo()
+        assert ideal.main([*args, "--out", str(out), "--resume"]) == 0
+        got, encoder = weights(out / "last.pt"), torch.load(out / "encoder.pt", weights_only=True)["encoder"]
+        assert all(torch.equal(want[k], got[k]) for k in want), n
+        assert all(torch.equal(encoder[k], got[f"encoder.{k}"]) for k in encoder), n
+        assert log_epochs(out) == [1, 2] and (out / "done.json").is_file(), n
+
+
+def test_resume_writes_only_into_the_folder_given(pretrained, tmp_path):
+    """A copied (or moved) run resumes in its new folder; the original is not touched."""
+    before = {p.name: p.read_bytes() for p in pretrained.iterdir() if p.is_file()}
+    copy = tmp_path / "copy"
+    shutil.copytree(pretrained, copy)
+    assert ideal.main(["pretrain", "--out", str(copy), "--resume", "--epochs", "3", *TINY]) == 0
+    assert {p.name: p.read_bytes() for p in pretrained.iterdir() if p.is_file()} == before
+    assert log_epochs(copy) == [1, 2, 3] and json.loads((copy / "done.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.parametrize("extra, words", [(["--epochs", "1"], ["--epochs 1", "2 epochs"]),
+                                          (["--lr", "0.5"], ["--lr 0.5", "stored options"])])
+def test_resume_refuses_fewer_epochs_and_changed_options(pretrained, tmp_path, capsys, extra, words):
+    copy = tmp_path / "copy"
+    shutil.copytree(pretrained, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    assert_one_error_line(run_main(capsys, "pretrain", "--out", copy, "--resume", *TINY, *extra), *words)
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+
+
+def test_a_second_process_on_the_same_out_stops_at_once(phantom, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", out, *TINY)
+    assert_one_error_line((rc, "", err), str(out), "another process")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_non_finite_weights_are_never_saved(phantom, tmp_path, monkeypatch, capsys):
+    """A finite loss with non-finite state (here a BatchNorm running mean) stops before anything is saved."""
+    real = ideal.pretrain_step
+
+    def poisoned(model, *args, **kwargs):
+        values = real(model, *args, **kwargs)
+        model.encoder.stem[1].running_mean.fill_(float("nan"))
+        return values
+    monkeypatch.setattr(ideal, "pretrain_step", poisoned)
+    rc, _, err = run_main(capsys, "pretrain", "--data", phantom, "--out", tmp_path / "run", "--epochs", "1", *TINY)
+    assert rc == 1 and "non-finite weights after epoch 1" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "encoder.pt").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(phantom, tmp_path, monkeypatch, capsys):
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    assert_one_error_line(run_main(capsys, "pretrain", "--data", phantom, "--out", out, "--epochs", "1", *TINY),
+                          "encoder.pt", "No space left")
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_an_empty_validation_set_is_refused(tmp_path, capsys):
+    root = tmp_path / "own"
+    for i in range(3):
+        nii(root / "imagesTr" / f"case{i}.nii.gz", noise((16, 16, 2), seed=i))
+        nii(root / "labelsTr" / f"case{i}.nii.gz", labels((16, 16, 2)))
+    out = tmp_path / "run"
+    assert_one_error_line(run_main(capsys, "finetune", "--data", root, "--out", out, "--no-pretrain", *TINY),
+                          "validation volume")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_an_unusable_out_is_one_line_before_any_work(phantom, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run" if where == "under_a_file" else tmp_path / "file"
+    assert_one_error_line(run_main(capsys, "pretrain", "--data", phantom, "--out", out, *TINY), str(out))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_pretrain_resume_refuses_a_finetune_run(phantom, pretrained, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert run_main(capsys, "finetune", "--data", phantom, "--out", out, "--pretrained", pretrained / "encoder.pt",
+                    "--labeled", "20", "--epochs", "1", "--steps-per-epoch", "1", *TINY)[0] == 0
+    assert_one_error_line(run_main(capsys, "pretrain", "--out", out, "--resume", *TINY), "last.pt", "finetune")
+
+
+@pytest.mark.parametrize("kind", ["config_list", "encoder_int", "raw_pickle"])
+def test_malformed_pretrained_checkpoints(kind, phantom, tmp_path, capsys):
+    path = tmp_path / "encoder.pt"
+    if kind == "raw_pickle":
+        path.write_bytes(pickle.dumps({"encoder": {}, "config": {}}))
+    else:
+        torch.save({"encoder": 3, "config": dict(depth=10, width=8, size=64, spacing=5.0)} if kind == "encoder_int"
+                   else {"encoder": {}, "config": [1, 2]}, path)
+    assert_one_error_line(run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained",
+                                   path, *TINY), str(path))
+
+
+def test_a_deeply_nested_split_file_is_one_line(phantom, tmp_path, capsys):
+    split = tmp_path / "split.json"
+    split.write_text("[" * 100000 + "]" * 100000)
+    assert_one_error_line(run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--no-pretrain",
+                                   "--split-file", split, *TINY), str(split))
+
+
+@pytest.mark.parametrize("damage", ["bad_summary", "Lfoo"])
+def test_report_over_damaged_run_folders(tmp_path, capsys, damage):
+    ev = tmp_path / "runs" / "ideal" / ("Lfoo" if damage == "Lfoo" else "L10") / "seed0" / "eval-test"
+    ev.mkdir(parents=True)
+    (ev / "summary.json").write_text('{"mean": 3}')
+    rc, _, err = run_main(capsys, "report", "--runs", tmp_path / "runs", "--out", tmp_path / "table")
+    assert_one_error_line((rc, "", err), "summary.json" if damage == "bad_summary" else "no <row>")
 
 
 # ==========================================================================================================
