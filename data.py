@@ -838,7 +838,7 @@ def _heart(case: dict, ph: dict, sl: dict, x: np.ndarray, y: np.ndarray) -> dict
 def _tissue(case: dict, rng) -> np.ndarray:
     """Static surroundings (X, Y, Z) float32: textured body ellipse, two dark lungs and a bright descending aorta
     beside the heart, air outside."""
-    (nx, ny, nz), s = case["shape"], case["spacing"][0]
+    (nx, ny, _), s = case["shape"], case["spacing"][0]
     x, y = np.arange(nx, dtype=np.float32)[:, None, None] * s, np.arange(ny, dtype=np.float32)[None, :, None] * s
     width, height = nx * s, ny * s
     body = _soft(np.hypot((x - width / 2) / (0.46 * width), (y - height / 2) / (0.4 * height)) - 1, 0.03)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -262,7 +262,8 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     Positive of q_{b,i} is k_{b,i}. negatives: "same" (Eq. 2): k_{b',i} of the other images b' at the same
     location i; "all": every valid location of the other images' key maps. Other images: of the whole global batch
     under torchrun (key maps gathered from every rank).
-    Negatives that are not valid are left out; the loss is averaged over valid query locations.
+    Negatives that are not valid are left out; the loss is averaged over valid query locations (under torchrun
+    divided by the global batch's count per rank, so that the mean over ranks is the loss of the global batch).
     tau: softmax temperature (default: 0.1).
     """
     b, c, h, w = q.shape
@@ -284,7 +285,7 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     l_neg = l_neg.masked_fill(~(keep & other), float("-inf"))
     logits = torch.cat([l_pos, l_neg], -1).float() / tau                    # B x L x (1 + N)
     loss = -F.log_softmax(logits, -1)[..., 0]                               # B x L
-    return (loss * valid).sum() / valid.sum().clamp(min=1)
+    return (loss * valid).sum() / (keys_valid.sum().clamp(min=1) / world())   # mean over the global batch's valid
 
 
 def pretrain_loss(model, xq, xk, theta_q, theta_k, loss="both", tau=0.1, lambda_loc=1.0, negatives="same"):
@@ -293,8 +294,8 @@ def pretrain_loss(model, xq, xk, theta_q, theta_k, loss="both", tau=0.1, lambda_
     Both views go through the model as one batch. loss: "global" | "local" | "both".
     Returns (total loss, {"global": ..., "local": ...} as detached tensors).
     """
-    g, d = model(torch.cat([xq, xk]))                                       # (2B, D), (2B, D, h, w)
-    (gq, gk), (dq, dk) = g.chunk(2), d.chunk(2)
+    z_global, z_dense = model(torch.cat([xq, xk]))                          # (2B, D), (2B, D, h, w)
+    (gq, gk), (dq, dk) = z_global.chunk(2), z_dense.chunk(2)
     parts, total = {}, 0.0
     if loss in ("global", "both"):
         parts["global"] = global_infonce(gq, gk, tau)
@@ -394,20 +395,20 @@ def pseudo_label(logits, threshold=0.0):
     return y.masked_fill(confidence < threshold, IGNORE)
 
 
-def cross_consistency_loss(l1_lab, l2_lab, mask, l1_unl, l2_unl, y1, y2, weight=1.0):
+def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_unl, y1, y2, weight=1.0):
     """Eq. 3: CE(p1, m) + CE(p2, m) on labeled slices, weight * (CE(p1, y2) + CE(p2, y1)) on unlabeled ones.
 
-    l*_lab: (B_l, C, H, W) logits of D(theta1)/D(theta2) on labeled slices; mask: (B_l, H, W) class indices.
-    l*_unl: (B_u, C, H, W) logits on unlabeled slices (None: supervised only); y1, y2: (B_u, H, W) the two
-    decoders' pseudo-labels (pseudo_label), IGNORE pixels count as zero in the mean over all B_u H W pixels.
+    logits*_lab: (B_l, C, H, W) of D(theta1)/D(theta2) on labeled slices; mask: (B_l, H, W) class indices.
+    logits*_unl: (B_u, C, H, W) on unlabeled slices (None: supervised only); y1, y2: (B_u, H, W) the two decoders'
+    pseudo-labels (pseudo_label), IGNORE pixels count as zero in the mean over all B_u H W pixels.
     weight: unlabeled weight at this step (the ramp-up is applied by the caller).
     Returns (loss, supervised term, unsupervised term).
     """
-    sup = F.cross_entropy(l1_lab.float(), mask) + F.cross_entropy(l2_lab.float(), mask)
-    if l1_unl is None:
+    sup = F.cross_entropy(logits1_lab.float(), mask) + F.cross_entropy(logits2_lab.float(), mask)
+    if logits1_unl is None:
         return sup, sup, sup.new_zeros(())
-    unsup = (F.cross_entropy(l1_unl.float(), y2, ignore_index=IGNORE, reduction="none").mean() +
-             F.cross_entropy(l2_unl.float(), y1, ignore_index=IGNORE, reduction="none").mean())
+    unsup = (F.cross_entropy(logits1_unl.float(), y2, ignore_index=IGNORE, reduction="none").mean() +
+             F.cross_entropy(logits2_unl.float(), y1, ignore_index=IGNORE, reduction="none").mean())
     return sup + weight * unsup, sup, unsup
 
 
@@ -452,8 +453,8 @@ def gather(x):
     when x requires grad: the gradient of each rank's part flows back to the rank that made it."""
     if world() == 1:
         return x
-    if x.requires_grad:
-        return torch.cat(dist_nn.all_gather(x))
+    if x.requires_grad:                              # the gradient of the whole is summed back onto each part
+        return funcol.all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
     parts = [torch.empty_like(x) for _ in range(world())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
@@ -508,30 +509,34 @@ def write_json(obj, path):
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unloadable, of another command or another architecture (one line)."""
+
+
 def load_checkpoint(path, keys, kind=None):
-    """A plain-dict checkpoint, loaded with weights_only=True; DataError naming the file if it is not one, lacks
+    """A plain-dict checkpoint, loaded with weights_only=True; CheckpointError naming the file if it is not one, lacks
     one of `keys` or was written by another command than `kind` (pretrain, finetune)."""
     if not os.path.isfile(path):
-        raise data.DataError(f"{path}: no such checkpoint")
+        raise CheckpointError(f"{path}: no such checkpoint")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                            # unpickling refused, not a zip, truncated ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise data.DataError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys) or not isinstance(ckpt.get("config"), dict):
-        raise data.DataError(f"{path}: not an IDEAL checkpoint (expected keys {', '.join(keys)})")
+        raise CheckpointError(f"{path}: not an IDEAL checkpoint (expected keys {', '.join(keys)})")
     if kind and ckpt.get("kind") != kind:
-        raise data.DataError(f"{path}: written by {ckpt.get('kind') or 'another program'}, not by {kind}")
+        raise CheckpointError(f"{path}: written by {ckpt.get('kind') or 'another program'}, not by {kind}")
     return ckpt
 
 
 def check_arch(found, wanted, path):
-    """DataError naming every architecture value that differs between a checkpoint and this run."""
+    """CheckpointError naming every architecture value that differs between a checkpoint and this run."""
     diff = [f"{k}={found.get(k)} (this run: {wanted[k]})" for k in ARCH_KEYS if found.get(k) != wanted[k]]
     if diff:
-        raise data.DataError(f"{path}: made with another architecture: {', '.join(diff)}")
+        raise CheckpointError(f"{path}: made with another architecture: {', '.join(diff)}")
 
 
 def load_state(module, state, path):
@@ -540,7 +545,7 @@ def load_state(module, state, path):
         module.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         detail = " ".join(str(e).split())
-        raise data.DataError(f"{path}: weights do not fit this model: {detail[:300]}") from None
+        raise CheckpointError(f"{path}: weights do not fit this model: {detail[:300]}") from None
 
 
 @contextlib.contextmanager
@@ -860,7 +865,7 @@ def read_pretrained(cfg):
     """The state of E in a pre-training run's encoder.pt, after checking that its architecture is this run's."""
     ckpt = load_checkpoint(cfg["pretrained"], ("encoder", "config"))
     if not isinstance(ckpt["encoder"], dict):
-        raise data.DataError(f"{cfg['pretrained']}: not an IDEAL checkpoint (its encoder is not a state dict)")
+        raise CheckpointError(f"{cfg['pretrained']}: not an IDEAL checkpoint (its encoder is not a state dict)")
     check_arch(ckpt["config"], cfg, cfg["pretrained"])
     return ckpt["encoder"]
 
@@ -870,7 +875,7 @@ def load_encoder(encoder, state, path):
     missing = sorted(set(encoder.state_dict()) - set(state))
     unexpected = sorted(set(state) - set(encoder.state_dict()))
     if missing or unexpected:
-        raise data.DataError(f"{path}: encoder keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{path}: encoder keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     load_state(encoder, state, path)
 
 
@@ -886,15 +891,15 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
     b = xl.shape[0]
     with autocast(xl.device):
         if xu is None:
-            (l1, l2), (u1, u2) = model(xl), (None, None)
+            (lab1, lab2), (unl1, unl2) = model(xl), (None, None)
         elif forward == "joint":
-            l1, l2 = model(torch.cat([xl, xu]))
-            (l1, u1), (l2, u2) = l1.split([b, len(xu)]), l2.split([b, len(xu)])
+            out1, out2 = model(torch.cat([xl, xu]))                         # logits (B + B_u, C, H, W) twice
+            (lab1, unl1), (lab2, unl2) = out1.split([b, len(xu)]), out2.split([b, len(xu)])
         else:
-            (l1, l2), (u1, u2) = model(xl, xu)
+            (lab1, lab2), (unl1, unl2) = model(xl, xu)
         y1, y2 = weak_pseudo_labels(model, xw, threshold) if xw is not None else (
-            (pseudo_label(u1, threshold), pseudo_label(u2, threshold)) if u1 is not None else (None, None))
-        loss, sup, unsup = cross_consistency_loss(l1, l2, ml, u1, u2, y1, y2, weight)
+            (pseudo_label(unl1, threshold), pseudo_label(unl2, threshold)) if unl1 is not None else (None, None))
+        loss, sup, unsup = cross_consistency_loss(lab1, lab2, ml, unl1, unl2, y1, y2, weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -1087,7 +1092,7 @@ def load_run(run, device):
     run_cfg = ckpt["config"]
     missing = [k for k in RUN_KEYS if not isinstance(run_cfg, dict) or k not in run_cfg]
     if missing:
-        raise data.DataError(f"{path}: its config lacks {', '.join(missing)} (not a fine-tuning checkpoint)")
+        raise CheckpointError(f"{path}: its config lacks {', '.join(missing)} (not a fine-tuning checkpoint)")
     model = IDEALSegmenter(run_cfg["num_classes"], run_cfg["depth"], run_cfg["width"], run_cfg["same_decoders"])
     load_state(model, ckpt["model"], path)
     return run_cfg, to_device(model, torch.device(device))
@@ -1652,21 +1657,22 @@ def add_pretrain_loss_options(p):
 
 
 def add_finetune_loss_options(p):
-    """Eq. 3 and how its batches are formed (README, "Decisions and deviations")."""
-    p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=0.1,
+    """Eq. 3 and how its batches are formed, defaults chosen on the validation split (README, "Why the unlabeled
+    slices hurt"); the paper-literal setting: --forward joint --pseudo same --threshold 0 --rampup 0."""
+    p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=1.0,
                    help="weight of the unlabeled term of Eq. 3 after ramp-up (0: supervised only)")
-    p.add_argument("--rampup", type=number(float, inclusive=True, high=1.0), default=1.0,
+    p.add_argument("--rampup", type=number(float, inclusive=True, high=1.0), default=0.4,
                    help="fraction of the steps over which the unlabeled weight ramps up")
     p.add_argument("--warmup", type=number(float, inclusive=True, high=1.0), default=0.0,
                    help="fraction of the steps trained on labeled slices only, before the ramp-up starts")
     p.add_argument("--unlabeled-batch", type=number(int, inclusive=True, high=65536),
                    help="unlabeled slices per step and process, 0: none (default: --batch-size; at --unlabeled-weight 0 they "
                    "still feed BatchNorm statistics)")
-    p.add_argument("--forward", default="joint", choices=("joint", "separate"),
+    p.add_argument("--forward", default="separate", choices=("separate", "joint"),
                    help="labeled and unlabeled slices in one forward pass (shared BatchNorm statistics) or two")
-    p.add_argument("--pseudo", default="same", choices=("same", "weak"),
+    p.add_argument("--pseudo", default="weak", choices=("weak", "same"),
                    help="pseudo-labels from the strongly augmented view itself or from its weak view")
-    p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.0,
+    p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="confidence below which pseudo-labelled pixels are ignored")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
 
@@ -1806,7 +1812,7 @@ def main(argv=None):
                 {"pretrain": pretrain, "finetune": finetune}[args.command](cfg, given_options(argv))
         else:
             {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command](cfg)
-    except data.DataError as e:
+    except (data.DataError, CheckpointError) as e:
         print(f"ideal.py {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as e:

@@ -8,8 +8,11 @@ import itertools
 import fcntl
 import json
 import math
+import os
 import pickle
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -1467,6 +1470,102 @@ def test_report_over_damaged_run_folders(tmp_path, capsys, damage):
     (ev / "summary.json").write_text('{"mean": 3}')
     rc, _, err = run_main(capsys, "report", "--runs", tmp_path / "runs", "--out", tmp_path / "table")
     assert_one_error_line((rc, "", err), "summary.json" if damage == "bad_summary" else "no <row>")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun: two gloo processes on the CPU (issue 11)
+# ----------------------------------------------------------------------------------------------------------
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_group(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    ideal.init_distributed(torch.device("cpu"))
+
+
+def loss_worker(rank, world, port, tensors, negatives, out):
+    """This rank's share of the global batch through Eq. 1 and Eq. 2; DDP averages gradients over ranks, so each
+    rank's objective is its loss / world. Saves the losses and the gradients reaching its features."""
+    join_group(rank, world, port)
+    b = len(tensors[0]) // world
+    q, k, dq, dk = (t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in tensors[:4])
+    lg, ll = ideal.global_infonce(q, k, 0.2), ideal.local_infonce(dq, dk, tensors[4][rank * b:(rank + 1) * b], 0.2,
+                                                                  negatives)
+    ((lg + ll) / world).backward()
+    torch.save({"global": lg.item(), "local": ll.item(), "grads": [t.grad for t in (q, k, dq, dk)]},
+               out / f"rank{rank}.pt")
+    ideal.dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("negatives", ["same", "all"])
+def test_gathered_losses_and_gradients_equal_one_process_on_the_global_batch(negatives, tmp_path):
+    """Two ranks of B: the mean of their Eq. 1 and Eq. 2 losses equals the one-process loss on the concatenated 2B
+    batch, and the gradients reaching each rank's features equal the one-process gradients of its share."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g),
+               F.normalize(torch.randn(6, 4, 3, 3, generator=g), dim=1),
+               F.normalize(torch.randn(6, 4, 3, 3, generator=g), dim=1), torch.rand(6, 3, 3, generator=g) > 0.3]
+    torch.multiprocessing.spawn(loss_worker, (2, free_port(), tensors, negatives, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    full = [t.clone().requires_grad_() for t in tensors[:4]]
+    lg, ll = ideal.global_infonce(full[0], full[1], 0.2), ideal.local_infonce(full[2], full[3], tensors[4], 0.2,
+                                                                              negatives)
+    (lg + ll).backward()
+    assert np.mean([r["global"] for r in ranks]) == pytest.approx(lg.item(), abs=1e-5)
+    assert np.mean([r["local"] for r in ranks]) == pytest.approx(ll.item(), abs=1e-5)
+    for i, t in enumerate(full):
+        assert torch.allclose(torch.cat([r["grads"][i] for r in ranks]), t.grad, atol=1e-5)
+
+
+def train_worker(rank, world, port, argv, out):
+    """ideal.py pretrain|finetune as one rank of a torchrun job; saves this rank's final parameters."""
+    join_group(rank, world, port)
+    parser = ideal.build_parser()
+    args = parser.parse_args(argv)
+    cfg = ideal.resolve(args, parser)
+    with ideal.claimed(cfg["out"]):
+        model = getattr(ideal, args.command)(cfg, ideal.given_options(argv))
+    torch.save(dict(model.named_parameters()), out / f"{args.command}{rank}.pt")
+    ideal.dist.destroy_process_group()
+
+
+def test_two_rank_training_ends_with_identical_weights_on_both_ranks(phantom, tmp_path):
+    common = ["--data", str(phantom), *TINY, "--device", "cpu"]
+    pre = ["pretrain", "--out", str(tmp_path / "pre"), "--epochs", "1", *common]
+    torch.multiprocessing.spawn(train_worker, (2, free_port(), pre, tmp_path), nprocs=2)
+    ft = ["finetune", "--out", str(tmp_path / "ft"), "--pretrained", str(tmp_path / "pre" / "encoder.pt"),
+          "--labeled", "20", "--epochs", "1", "--steps-per-epoch", "2", "--forward", "separate", "--pseudo", "weak",
+          *common]
+    torch.multiprocessing.spawn(train_worker, (2, free_port(), ft, tmp_path), nprocs=2)
+    for command in ("pretrain", "finetune"):
+        a, b = (torch.load(tmp_path / f"{command}{r}.pt") for r in range(2))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), command
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["batch_size"] == 4 and json.loads((tmp_path / "ft" / "log.jsonl").read_text())["epoch"] == 1
+
+
+def test_torchrun_killed_and_resumed_completes(phantom, tmp_path):
+    """The README's command under torchrun: killed (the whole process group) once epoch 1 is logged, then resumed."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "ideal.py"), "pretrain", "--data", str(phantom), "--out", str(out), "--epochs", "2",
+               *TINY, "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    log = out / "log.jsonl"
+    while proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run([*command, "--resume"], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert log_epochs(out) == [1, 2] and (out / "done.json").is_file()
 
 
 # ==========================================================================================================
