@@ -55,7 +55,7 @@ PRESETS = {
                   pretrain_lr=1e-5, finetune_lr=1e-5, pretrain_epochs=100, finetune_epochs=100),
     "cpu": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=16, proj_dim=64, steps_per_epoch=50,
                 pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=100, finetune_epochs=30),
-    "demo": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=8, proj_dim=64, steps_per_epoch=20,
+    "demo": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=16, proj_dim=64, steps_per_epoch=10,
                  pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=15, finetune_epochs=4),
 }
 ARCH_KEYS = ("depth", "width", "size", "spacing")
@@ -1745,7 +1745,7 @@ def build_parser():
     add_report_options(p)
     p = sub.add_parser("bench", help="training-step throughput vs the bare model (the default losses)")
     add_model_options(p, "pretrain"), add_pretrain_loss_options(p), add_finetune_loss_options(p)
-    p.add_argument("--steps", type=number(int), default=5, help="timed steps")
+    p.add_argument("--steps", type=number(int), default=20, help="timed steps")
     add_process_options(p)
     return parser
 
