@@ -250,7 +250,7 @@ def global_infonce(q, k, tau=0.1):
     n = keys.shape[0] // 2
     own = torch.arange(b, device=q.device) + rank() * b                     # global index of this rank's images
     rows = torch.arange(2 * b, device=q.device)
-    logits = logits.index_put((rows, torch.cat([own, own + n])), torch.tensor(float("-inf"), device=q.device))
+    logits = logits.index_put((rows, torch.cat([own, own + n])), logits.new_tensor(float("-inf")))
     return F.cross_entropy(logits, torch.cat([own + n, own]))
 
 
@@ -1372,10 +1372,16 @@ PAPER_TABLE1 = {
               "100": (0.826, 1.317, 2.183)},
 }
 ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "supervised": "supervised only, random init",
+             "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning only",
              "global": "global-only pre-training + our fine-tuning", "local": "local-only pre-training + our fine-tuning",
              "same-decoders": "IDEAL with two ConvTranspose decoders",
-             "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning only",
-             "ideal-w1": "IDEAL, unlabeled weight 1 reached after 40 % of the steps"}
+             "e0-no-unlabeled": "E0: labeled slices only",
+             "e1-joint-w0": "E1: + unlabeled slices in the same pass, weight 0",
+             "e2-separate-w0": "E2: + unlabeled slices in a pass of their own, weight 0",
+             "e3-separate-w0-poly": "E3: E2 with a poly learning-rate decay",
+             "f1-separate-w0.1": "F1: separate passes, Eq. 3 weight 0.1 ramped over the run",
+             "f2-weak": "F2: F1 with pseudo-labels from the weak view",
+             "f4-weak-t0.9-w1": "F4: F2 with confidence >= 0.9, weight 1 after 40 % (the default)"}
 METRICS = (("dsc", "DSC"), ("assd", "ASD mm"), ("hd", "HD mm"), ("hd95", "HD95 mm"))
 
 
@@ -1436,7 +1442,7 @@ def report(cfg):
     table = collect(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None)
     if not table:
         raise data.DataError(f"{cfg['runs']}: no <row>/L<fraction>/seed<k>/eval-test/summary.json found")
-    paper = PAPER_TABLE1.get(cfg["dataset"])
+    paper = PAPER_TABLE1.get(cfg["dataset"]) if "ideal" in table else None
     columns = [name for _, name in METRICS] + ["val best", "val spread", "runs"] + (["paper DSC / ASD / HD"] if paper
                                                                                    else [])
     lines = [f"# {cfg['title']}", "", f"Made by `{cfg['made_by']}` at commit {cfg['commit']}.", "",
