@@ -51,6 +51,7 @@ read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_FLAGS:-}"
 read -r -a FINETUNE_EXTRA <<< "${FINETUNE_FLAGS:-}"
 COMMON=(--preset "$PRESET" "${DATA_FLAGS[@]}")
 START=$(date +%s)
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 say() { echo "+ $*" >&2; "$@"; }
 
@@ -114,18 +115,17 @@ mkdir -p results
 say "$PY" ideal.py report --runs "$OUT" --out "results/$NAME" --dataset "${DATA:+$DATASET}" --rows "$ROWS" \
   --title "IDEAL on $([ -n "${DATA:-}" ] && basename "$DATA" || echo the synthetic phantom) ($PRESET preset)" \
   --made-by "${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS'${TABLE:+ TABLE=$TABLE} bash run.sh" \
-  --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  --commit "$COMMIT"
 echo "wall time: $(( $(date +%s) - START )) s on $(nproc --all) cores${OMP_NUM_THREADS:+ (OMP_NUM_THREADS=$OMP_NUM_THREADS)}" \
   >> "results/$NAME.md"
 PASTE=("results/$NAME.md")
 
 # ACDC: the ideal run of the largest fraction on data it never saw, the ED and ES frames of the test patients, with the clinical indices.
-first=$OUT/ideal/L${FRACTIONS##* }/seed0
-if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$first/done.json" ] && [ -z "${TABLE:-}" ]; then
-  { echo "# $first on the ED and ES frames of the 20 test patients (never seen in training)"; echo
-    echo "Made by \`python ideal.py eval --run $first --frames both --quiet\` (run.sh) at commit $(git rev-parse \
-      --short HEAD 2>/dev/null || echo unknown)."; echo; echo '```'
-    "$PY" ideal.py eval --run "$first" --frames both --quiet; echo '```'; } > "results/$NAME-unseen.md"
+unseen=$OUT/ideal/L${FRACTIONS##* }/seed0
+if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$unseen/done.json" ] && [ -z "${TABLE:-}" ]; then
+  { echo "# $unseen on the ED and ES frames of the 20 test patients (never seen in training)"; echo
+    echo "Made by \`python ideal.py eval --run $unseen --frames both --quiet\` (run.sh) at commit $COMMIT."
+    echo; echo '```'; "$PY" ideal.py eval --run "$unseen" --frames both --quiet; echo '```'; } > "results/$NAME-unseen.md"
   PASTE+=("results/$NAME-unseen.md")
 fi
 if [ "${BENCH:-1}" = 1 ]; then
