@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import functools
 import glob
 import json
 import math
@@ -201,9 +202,9 @@ def warp(x, theta, mode="bilinear"):
 def jitter_intensity(x, g, gamma=(0.7, 1.5), contrast=(0.8, 1.2), brightness=0.1, noise=0.05):
     """Per-image gamma, contrast, brightness and Gaussian noise on images in [0, 1]."""
     u = torch.rand(x.shape[0], 4, 1, 1, 1, generator=g, device=x.device)
-    x = x.clamp(min=0) ** (gamma[0] + (gamma[1] - gamma[0]) * u[:, 0])
-    x = x * (contrast[0] + (contrast[1] - contrast[0]) * u[:, 1]) + brightness * (2 * u[:, 2] - 1)
-    return x + noise * u[:, 3] * torch.randn(x.shape, generator=g, device=x.device)
+    x = x.clamp(min=0).pow_(gamma[0] + (gamma[1] - gamma[0]) * u[:, 0])   # a new tensor: in place from here on
+    x.mul_(contrast[0] + (contrast[1] - contrast[0]) * u[:, 1]).add_(brightness * (2 * u[:, 2] - 1))
+    return x.add_(torch.randn(x.shape, generator=g, device=x.device).mul_(noise * u[:, 3]))
 
 
 def make_view(x, g):
@@ -1474,18 +1475,25 @@ def report(cfg):
 # ----------------------------------------------------------------------------------------------------------
 # bench
 # ----------------------------------------------------------------------------------------------------------
-def images_per_second(step, images, device, steps):
-    """Throughput of step() after two warm-up calls."""
-    for _ in range(2):
+def images_per_second(full, bare, images, device, steps, rounds=5):
+    """Throughputs of the step functions full() and bare() after two warm-up calls each, timed in alternating rounds
+    of steps // rounds calls, so that both meet the machine's slow and fast moments alike: the median round of each.
+    """
+    def timed(step, calls):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return images * calls / (time.perf_counter() - t0)
+
+    for step in (full, bare, full, bare):
         step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return images * steps / (time.perf_counter() - t0)
+        torch.cuda.synchronize(device)
+    rounds = min(rounds, steps)
+    rates = [[timed(step, steps // rounds) for step in (full, bare)] for _ in range(rounds)]
+    return tuple(float(np.median(r)) for r in zip(*rates))
 
 
 def bare_step(model, opt, *batches, no_grad=()):
@@ -1514,8 +1522,7 @@ def bench_pretrain(cfg, device, pool, g):
         x = pool[torch.randint(len(pool), (b,), device=device, generator=g)]
         meter.add(pretrain_step(model, opt, x, g, **{k: cfg[k] for k in LOSS_KEYS}))
 
-    return (images_per_second(full, b, device, cfg["steps"]),
-            images_per_second(lambda: bare_step(model, opt, pool[:2 * b]), b, device, cfg["steps"]))
+    return images_per_second(full, functools.partial(bare_step, model, opt, pool[:2 * b]), b, device, cfg["steps"])
 
 
 def bench_finetune(cfg, device, pool, g):
@@ -1537,8 +1544,8 @@ def bench_finetune(cfg, device, pool, g):
     xl, xu = pool[:b], pool[b:b + bu]
     batches = (torch.cat([xl, xu]),) if cfg["forward"] == "joint" else (xl, xu)
     weak = (xu,) if cfg["pseudo"] == "weak" else ()
-    return (images_per_second(full, b + bu, device, cfg["steps"]),
-            images_per_second(lambda: bare_step(model, opt, *batches, no_grad=weak), b + bu, device, cfg["steps"]))
+    bare = functools.partial(bare_step, model, opt, *batches, no_grad=weak)
+    return images_per_second(full, bare, b + bu, device, cfg["steps"])
 
 
 def bench(cfg):
@@ -1751,7 +1758,8 @@ def build_parser():
     add_report_options(p)
     p = sub.add_parser("bench", help="training-step throughput vs the bare model (the default losses)")
     add_model_options(p, "pretrain"), add_pretrain_loss_options(p), add_finetune_loss_options(p)
-    p.add_argument("--steps", type=number(int), default=20, help="timed steps")
+    p.add_argument("--steps", type=number(int), default=20,
+                   help="timed steps of each kind, in 5 rounds that alternate the training step and the bare model")
     add_process_options(p)
     return parser
 

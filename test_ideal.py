@@ -967,6 +967,20 @@ def test_out_of_view_locations_are_invalid():
     assert valid[0, :, 4:].all() and not valid[0, :, :4].any()
 
 
+
+def test_intensity_jitter_is_the_formula_and_leaves_its_input_alone():
+    """jitter_intensity works in place on its own copy: the same values as gamma, contrast, brightness and noise
+    written out, drawn from the generator in the same order, and the caller's images unchanged."""
+    x = torch.rand(4, 1, 16, 16) * 1.2 - 0.1
+    before = x.clone()
+    out = ideal.jitter_intensity(x, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(4, 4, 1, 1, 1, generator=g)
+    want = x.clamp(min=0) ** (0.7 + 0.8 * u[:, 0]) * (0.8 + 0.4 * u[:, 1]) + 0.1 * (2 * u[:, 2] - 1)
+    want = want + 0.05 * u[:, 3] * torch.randn(x.shape, generator=g)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
 # ----------------------------------------------------------------------------------------------------------
 # Eq. 3
 # ----------------------------------------------------------------------------------------------------------
@@ -1236,6 +1250,15 @@ def test_bench_cli_prints_ratios():
     assert rc == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["pretrain"]["ratio"] > 0 and result["finetune"]["ratio"] > 0
+
+
+def test_bench_alternates_the_training_step_and_the_bare_model():
+    """Warm-up twice each, then 5 rounds of steps // 5 calls of one and of the other, in turn."""
+    calls = []
+    full, bare = ideal.images_per_second(lambda: calls.append("f"), lambda: calls.append("b"), 8,
+                                         torch.device("cpu"), 10)
+    assert "".join(calls) == "fbfb" + "ffbb" * 5
+    assert full > 0 and bare > 0
 
 
 # ----------------------------------------------------------------------------------------------------------
