@@ -967,7 +967,6 @@ def test_out_of_view_locations_are_invalid():
     assert valid[0, :, 4:].all() and not valid[0, :, :4].any()
 
 
-
 def test_intensity_jitter_is_the_formula_and_leaves_its_input_alone():
     """jitter_intensity works in place on its own copy: the same values as gamma, contrast, brightness and noise
     written out, drawn from the generator in the same order, and the caller's images unchanged."""
@@ -980,6 +979,7 @@ def test_intensity_jitter_is_the_formula_and_leaves_its_input_alone():
     want = want + 0.05 * u[:, 3] * torch.randn(x.shape, generator=g)
     assert torch.equal(x, before)
     torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Eq. 3
