@@ -928,6 +928,18 @@ def affine(angle, scale, flip, tx, ty):
     return torch.tensor([[[c * flip, -s, tx], [s * flip, c, ty]]], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("shape", [(32, 128, 128), (16, 4, 4), (3, 7, 5)])
+def test_separable_affine_grid_is_torchs(shape):
+    """ideal.affine_grid: F.affine_grid's pixel centres and product, to the last bit (bit-identical on our CPU,
+    which keeps the views and the pre-trained encoders of results/ reproducible)."""
+    b, h, w = shape
+    g = torch.Generator().manual_seed(h)
+    thetas = [ideal.random_affine(b, g, torch.device("cpu")) for _ in range(2)]
+    for theta in thetas + [ideal.relative_affine(*thetas)]:
+        want = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+        torch.testing.assert_close(ideal.affine_grid(theta, h, w), want, rtol=0, atol=2.4e-7)
+
+
 def test_alignment_is_exact_on_a_coordinate_ramp():
     """Features = the image coordinates themselves: after alignment the key map must equal the query map."""
     n = 96
