@@ -1386,7 +1386,8 @@ PAPER_TABLE1 = {
 }
 ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "supervised": "supervised only, random init",
              "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning only",
-             "global": "global-only pre-training + our fine-tuning", "local": "local-only pre-training + our fine-tuning",
+             "global": "global-only pre-training + our fine-tuning",
+             "local": "local-only pre-training + our fine-tuning",
              "same-decoders": "IDEAL with two ConvTranspose decoders",
              "e0-no-unlabeled": "E0: labeled slices only",
              "e1-joint-w0": "E1: + unlabeled slices in the same pass, weight 0",
@@ -1691,8 +1692,8 @@ def add_finetune_loss_options(p):
     p.add_argument("--warmup", type=number(float, inclusive=True, high=1.0), default=0.0,
                    help="fraction of the steps trained on labeled slices only, before the ramp-up starts")
     p.add_argument("--unlabeled-batch", type=number(int, inclusive=True, high=65536),
-                   help="unlabeled slices per step and process, 0: none (default: --batch-size; at --unlabeled-weight 0 they "
-                   "still feed BatchNorm statistics)")
+                   help="unlabeled slices per step and process, 0: none (default: --batch-size; at "
+                   "--unlabeled-weight 0 they still feed BatchNorm statistics)")
     p.add_argument("--forward", default="separate", choices=("separate", "joint"),
                    help="labeled and unlabeled slices in one forward pass (shared BatchNorm statistics) or two")
     p.add_argument("--pseudo", default="weak", choices=("weak", "same"),

@@ -112,20 +112,22 @@ for row in $ROWS; do
 done
 
 mkdir -p results
+made_by="${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS'${TABLE:+ TABLE=$TABLE}"
 say "$PY" ideal.py report --runs "$OUT" --out "results/$NAME" --dataset "${DATA:+$DATASET}" --rows "$ROWS" \
   --title "IDEAL on $([ -n "${DATA:-}" ] && basename "$DATA" || echo the synthetic phantom) ($PRESET preset)" \
-  --made-by "${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS'${TABLE:+ TABLE=$TABLE} bash run.sh" \
-  --commit "$COMMIT"
-echo "wall time: $(( $(date +%s) - START )) s on $(nproc --all) cores${OMP_NUM_THREADS:+ (OMP_NUM_THREADS=$OMP_NUM_THREADS)}" \
-  >> "results/$NAME.md"
+  --made-by "$made_by bash run.sh" --commit "$COMMIT"
+threads=${OMP_NUM_THREADS:+ (OMP_NUM_THREADS=$OMP_NUM_THREADS)}
+echo "wall time: $(( $(date +%s) - START )) s on $(nproc --all) cores$threads" >> "results/$NAME.md"
 PASTE=("results/$NAME.md")
 
-# ACDC: the ideal run of the largest fraction on data it never saw, the ED and ES frames of the test patients, with the clinical indices.
+# ACDC: the ideal run of the largest fraction on data it never saw, the ED and ES frames of the test patients,
+# with the clinical indices.
 unseen=$OUT/ideal/L${FRACTIONS##* }/seed0
 if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$unseen/done.json" ] && [ -z "${TABLE:-}" ]; then
   { echo "# $unseen on the ED and ES frames of the 20 test patients (never seen in training)"; echo
     echo "Made by \`python ideal.py eval --run $unseen --frames both --quiet\` (run.sh) at commit $COMMIT."
-    echo; echo '```'; "$PY" ideal.py eval --run "$unseen" --frames both --quiet; echo '```'; } > "results/$NAME-unseen.md"
+    echo; echo '```'; "$PY" ideal.py eval --run "$unseen" --frames both --quiet; echo '```'
+  } > "results/$NAME-unseen.md"
   PASTE+=("results/$NAME-unseen.md")
 fi
 if [ "${BENCH:-1}" = 1 ]; then
