@@ -1837,6 +1837,8 @@ def main(argv=None):
             cfg["device"] = str(init_distributed(torch.device(cfg["device"])))
             with claimed(cfg["out"]):
                 {"pretrain": pretrain, "finetune": finetune}[args.command](cfg, given_options(argv))
+            if world() > 1:
+                dist.barrier()                       # every rank done before any tears the process group down
         else:
             {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command](cfg)
     except (data.DataError, CheckpointError) as e:
