@@ -486,6 +486,16 @@ def init_distributed(device):
     return device
 
 
+def leave_distributed(clean=True):
+    """Tear the torchrun process group down (nothing without one, or once left). After a clean finish every rank
+    first meets at a barrier, so that none tears gloo/nccl down while another still uses it (one such teardown
+    aborted with SIGABRT); after an error no barrier, which a rank that failed differently would never reach."""
+    if world() > 1:
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def write_atomic(path, write):
     """write(tmp) to a hidden temporary file beside path, then os.replace: never a half-written file. A failed write
     (full disk, read-only folder) removes the temporary file and is a DataError naming path."""
@@ -1837,8 +1847,7 @@ def main(argv=None):
             cfg["device"] = str(init_distributed(torch.device(cfg["device"])))
             with claimed(cfg["out"]):
                 {"pretrain": pretrain, "finetune": finetune}[args.command](cfg, given_options(argv))
-            if world() > 1:
-                dist.barrier()                       # every rank done before any tears the process group down
+            leave_distributed()
         else:
             {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command](cfg)
     except (data.DataError, CheckpointError) as e:
@@ -1848,8 +1857,7 @@ def main(argv=None):
         print(f"ideal.py {args.command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
     finally:
-        if world() > 1:
-            dist.destroy_process_group()
+        leave_distributed(clean=False)               # after an error; a no-op once left
     return 0
 
 

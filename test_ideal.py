@@ -1523,13 +1523,6 @@ def join_group(rank, world, port):
     ideal.init_distributed(torch.device("cpu"))
 
 
-def leave_group():
-    """Both ranks reach the teardown together: a rank that tears down gloo while the other still talks to it can
-    abort (seen once as SIGABRT, "terminate called without an active exception")."""
-    ideal.dist.barrier()
-    ideal.dist.destroy_process_group()
-
-
 def loss_worker(rank, world, port, tensors, negatives, out):
     """This rank's share of the global batch through Eq. 1 and Eq. 2; DDP averages gradients over ranks, so each
     rank's objective is its loss / world. Saves the losses and the gradients reaching its features."""
@@ -1541,7 +1534,7 @@ def loss_worker(rank, world, port, tensors, negatives, out):
     ((lg + ll) / world).backward()
     torch.save({"global": lg.item(), "local": ll.item(), "grads": [t.grad for t in (q, k, dq, dk)]},
                out / f"rank{rank}.pt")
-    leave_group()
+    ideal.leave_distributed()
 
 
 @pytest.mark.parametrize("negatives", ["same", "all"])
@@ -1573,7 +1566,7 @@ def train_worker(rank, world, port, argv, out):
     with ideal.claimed(cfg["out"]):
         model = getattr(ideal, args.command)(cfg, ideal.given_options(argv))
     torch.save(dict(model.named_parameters()), out / f"{args.command}{rank}.pt")
-    leave_group()
+    ideal.leave_distributed()
 
 
 def test_two_rank_training_ends_with_identical_weights_on_both_ranks(phantom, tmp_path):
