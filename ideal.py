@@ -197,12 +197,13 @@ def affine_grid(theta, h, w):
     """F.affine_grid(theta, (B, C, h, w), align_corners=False), separably: theta (B, 2, 3) -> grid (B, h, w, 2).
 
     grid[b, i, j] = theta[b] @ (x_j, y_i, 1) at the pixel centres x_j = (2 j + 1) / w - 1 (torch's linspace form),
-    added as (x_j theta[:, :, 0] + y_i theta[:, :, 1]) + theta[:, :, 2]: the matrix product's order of rounding
-    without its (h w, 3) @ (3, 2) product per image (bit-identical on our CPU, tested; half the time).
+    each output coordinate made as a plane (x_j theta[:, r, 0] + theta[:, r, 2]) + y_i theta[:, r, 1]: without the
+    (h w, 3) @ (3, 2) product per image, a third of the time, equal to F.affine_grid to float rounding (tested).
     """
     x, y = (torch.linspace(-1, 1, n, dtype=theta.dtype, device=theta.device) * (n - 1) / n for n in (w, h))
-    t = theta.transpose(1, 2)[:, :, None, None]                             # (B, 3, 1, 1, 2)
-    return (x[:, None] * t[:, 0] + y[:, None, None] * t[:, 1]).add_(t[:, 2])   # (B, 1, w, 2) + (B, h, 1, 2)
+    planes = [(x * t[:, 0, None] + t[:, 2, None])[:, None] + y[:, None] * t[:, 1, None, None]   # (B, h, w)
+              for t in theta.unbind(1)]
+    return torch.stack(planes, -1)                                          # (B, h, w, 2): x then y
 
 
 def warp(x, theta, mode="bilinear"):
@@ -271,7 +272,8 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     """Eq. 2: dense local InfoNCE over exactly corresponding locations.
 
     q: (B, C, h, w) L2-normalised query map; k: (B, C, h, w) L2-normalised key map aligned to q's grid;
-    valid: (B, h, w) bool, locations with a counterpart in the key view.
+    valid: (B, h, w) bool, locations with a counterpart in the key view. Or q, k: (B, V, C, h, w) and valid:
+    (B, V, h, w): V instances of Eq. 2 (the two directions, q -> k and k -> q) in one product, averaged.
     Positive of q_{b,i} is k_{b,i}. negatives: "same" (Eq. 2): k_{b',i} of the other images b' at the same
     location i; "all": every valid location of the other images' key maps. Other images: of the whole global batch
     under torchrun (key maps gathered from every rank).
@@ -279,26 +281,30 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     divided by the global batch's count per rank, so that the mean over ranks is the loss of the global batch).
     tau: softmax temperature (default: 0.1).
     """
-    b, c, h, w = q.shape
-    q, k, valid = q.flatten(2), k.flatten(2), valid.flatten(1)              # (B, C, L), (B, L)
-    l_pos = torch.einsum("bcl,bcl->bl", q, k)[..., None]                     # positive logits: B x L x 1
-    keys, keys_valid = gather(k), gather(valid)                             # (WB, C, L), (WB, L)
+    if q.dim() == 4:
+        q, k, valid = q[:, None], k[:, None], valid[:, None]
+    b, v, c, h, w = q.shape
+    q, k, valid = q.flatten(3), k.flatten(3), valid.flatten(2)              # (B, V, C, L), (B, V, L)
+    keys, keys_valid = gather(k), gather(valid)                             # (WB, V, C, L), (WB, V, L)
     own = torch.arange(b, device=q.device) + rank() * b
     other = own[:, None] != torch.arange(len(keys), device=q.device)[None]  # (B, WB): another image
     if negatives == "same":
-        l_neg = torch.einsum("bcl,ecl->ble", q, keys)                       # B x L x WB (same location)
-        keep = keys_valid.t()[None].expand(b, -1, -1)                       # k_{e,l} valid
-        other = other[:, None, :]
+        logits = torch.einsum("bvcl,evcl->bvle", q, keys)                   # B x V x L x WB (same location)
+        keep = keys_valid.permute(1, 2, 0)[None] & other[:, None, None]     # k_{e,l} valid, e another image
+        positive = own.view(b, 1, 1, 1)                                     # k_{b,l}: at e = b
     elif negatives == "all":
-        l_neg = torch.einsum("bcl,ecm->blem", q, keys).flatten(2)           # B x L x (WB L)
-        keep = keys_valid.reshape(1, 1, -1).expand(b, h * w, -1)
-        other = other.repeat_interleave(h * w, dim=1)[:, None, :]
+        logits = torch.einsum("bvcl,evcm->bvlem", q, keys).flatten(3)       # B x V x L x (WB L)
+        keep = (keys_valid.transpose(0, 1).flatten(1)[None, :, None] &      # k_{e,m} valid, e another image
+                other.repeat_interleave(h * w, 1)[:, None, None])
+        positive = (own[:, None] * h * w + torch.arange(h * w, device=q.device)).view(b, 1, -1, 1)
     else:
         raise ValueError(f"negatives must be 'same' or 'all', got {negatives!r}")
-    l_neg = l_neg.masked_fill(~(keep & other), float("-inf"))
-    logits = torch.cat([l_pos, l_neg], -1).float() / tau                    # B x L x (1 + N)
-    loss = -F.log_softmax(logits, -1)[..., 0]                               # B x L
-    return (loss * valid).sum() / (keys_valid.sum().clamp(min=1) / world())   # mean over the global batch's valid
+    positive = positive.expand(b, v, h * w, 1)
+    keep = keep | torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, positive, True)
+    logits = logits.masked_fill(~keep, float("-inf")).float() / tau
+    loss = -F.log_softmax(logits, -1).gather(-1, positive)[..., 0]          # B x V x L
+    count = keys_valid.sum((0, 2)).clamp(min=1) / world()                   # (V,): the global batch's valid
+    return ((loss * valid).sum((0, 2)) / count).mean()
 
 
 def pretrain_loss(model, views, thetas, loss="both", tau=0.1, lambda_loc=1.0, negatives="same"):
@@ -309,17 +315,16 @@ def pretrain_loss(model, views, thetas, loss="both", tau=0.1, lambda_loc=1.0, ne
     Returns (total loss, {"global": ..., "local": ...} as detached tensors).
     """
     z_global, z_dense = model(views)                                        # (2B, D), (2B, D, h, w)
-    (gq, gk), (dq, dk), (theta_q, theta_k) = z_global.chunk(2), z_dense.chunk(2), thetas.chunk(2)
+    b = len(z_dense) // 2
     parts, total = {}, 0.0
     if loss in ("global", "both"):
-        parts["global"] = global_infonce(gq, gk, tau)
+        parts["global"] = global_infonce(*z_global.chunk(2), tau)
         total = total + parts["global"]
     if loss in ("local", "both"):
-        dq, dk = F.normalize(dq.float(), dim=1), F.normalize(dk.float(), dim=1)
-        k_on_q, valid_q = align(dk, theta_q, theta_k)
-        q_on_k, valid_k = align(dq, theta_k, theta_q)
-        parts["local"] = (local_infonce(dq, F.normalize(k_on_q, dim=1), valid_q, tau, negatives) +
-                          local_infonce(dk, F.normalize(q_on_k, dim=1), valid_k, tau, negatives)) / 2
+        d = F.normalize(z_dense.float(), dim=1)                             # queries, then keys
+        other, valid = align(d.roll(b, 0), thetas, thetas.roll(b, 0))       # each view's other view on its grid
+        pairs = [x.unflatten(0, (2, b)).transpose(0, 1) for x in (d, F.normalize(other, dim=1), valid)]
+        parts["local"] = local_infonce(*pairs, tau, negatives)              # (B, 2, ...): both directions
         total = total + lambda_loc * parts["local"]
     return total, {name: v.detach() for name, v in parts.items()}
 

@@ -889,6 +889,24 @@ def test_local_infonce_equals_naive_loop(negatives):
     assert got == pytest.approx(naive_local_infonce(q, k, valid, 0.2, negatives), rel=1e-6)
 
 
+@pytest.mark.parametrize("negatives", ["same", "all"])
+def test_both_directions_in_one_product(negatives):
+    """pretrain_loss's L_loc, both directions of Eq. 2 aligned and scored in one batched product, is the mean of
+    the two directions aligned one by one and scored by the naive loop."""
+    g = torch.Generator().manual_seed(2)
+    b = 3
+    dense = torch.randn(2 * b, 5, 3, 3, generator=g, dtype=torch.float64)
+    thetas = ideal.random_affine(2 * b, g, torch.device("cpu"))
+    model = lambda views: (None, dense)                                      # noqa: E731 (global, dense)
+    _, parts = ideal.pretrain_loss(model, None, thetas, loss="local", tau=0.2, negatives=negatives)
+    (q, k), (t_q, t_k) = F.normalize(dense, dim=1).chunk(2), thetas.chunk(2)
+    want = 0.0
+    for mine, other, t_mine, t_other in ((q, k, t_q, t_k), (k, q, t_k, t_q)):
+        on_mine, valid = ideal.align(other, t_mine, t_other)
+        want += naive_local_infonce(mine, F.normalize(on_mine, dim=1), valid, 0.2, negatives) / 2
+    assert parts["local"].item() == pytest.approx(want, rel=1e-6)
+
+
 def test_local_infonce_minimum_and_shuffled():
     g = torch.Generator().manual_seed(1)
     b, c, h, w = 4, 40, 3, 3
@@ -930,8 +948,8 @@ def affine(angle, scale, flip, tx, ty):
 
 @pytest.mark.parametrize("shape", [(32, 128, 128), (16, 4, 4), (3, 7, 5)])
 def test_separable_affine_grid_is_torchs(shape):
-    """ideal.affine_grid: F.affine_grid's pixel centres and product, to the last bit (bit-identical on our CPU,
-    which keeps the views and the pre-trained encoders of results/ reproducible)."""
+    """ideal.affine_grid: F.affine_grid's pixel centres and product, to float rounding (two units in the last place
+    at 1: the sum is taken in another order)."""
     b, h, w = shape
     g = torch.Generator().manual_seed(h)
     thetas = [ideal.random_affine(b, g, torch.device("cpu")) for _ in range(2)]
