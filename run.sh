@@ -14,7 +14,8 @@
 #              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
 #   TABLE      results/<dataset>-<preset>[-TABLE].md: a separate table for a separate question (e.g. ablation)
-#   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run)
+#   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run;
+#              only: the benches alone, e.g. PRESET=cpu BENCH=only bash run.sh)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
 #   PRETRAIN_FLAGS, FINETUNE_FLAGS  extra flags for every pretrain / finetune call (e.g. --epochs 50)
 # Re-running skips every finished step (a run folder with done.json, an eval with summary.json) and resumes a
@@ -74,6 +75,32 @@ pretrained() {  # LOSS -> encoder.pt of the pre-training with that loss (run onc
   echo "$OUT/pretrain-$1/encoder.pt"
 }
 
+bench() {  # time the training step and the metrics into results/, to be pasted into README.md
+  mkdir -p results
+  say "$PY" ideal.py bench --preset "$PRESET" > "results/bench-$PRESET.txt"
+  say "$PY" metrics.py --bench > results/metrics-bench.txt
+  PASTE+=("results/bench-$PRESET.txt" results/metrics-bench.txt)
+}
+
+# Paste each results file into README.md between its markers <!-- results/FILE --> ... <!-- /results/FILE -->.
+paste_results() {
+  for file in "${PASTE[@]}"; do
+    grep -q "<!-- $file -->" README.md 2>/dev/null || continue
+    awk -v start="<!-- $file -->" -v stop="<!-- /$file -->" -v path="$file" '
+      $0 == start { print; if (path ~ /\.txt$/) print "```"; while ((getline line < path) > 0) print line;
+                    if (path ~ /\.txt$/) print "```"; skip = 1; next }
+      $0 == stop { skip = 0 }
+      !skip' README.md > README.md.tmp && mv README.md.tmp README.md
+  done
+}
+
+PASTE=()
+if [ "${BENCH:-1}" = only ]; then  # the benches alone, no training and no table
+  bench
+  paste_results
+  exit 0
+fi
+
 # The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt") pins every flag it tests, so it means
 # the same whatever the defaults are.
 for row in $ROWS; do
@@ -130,20 +157,7 @@ if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$unseen/done.json" ] && 
   } > "results/$NAME-unseen.md"
   PASTE+=("results/$NAME-unseen.md")
 fi
-if [ "${BENCH:-1}" = 1 ]; then
-  say "$PY" ideal.py bench --preset "$PRESET" > "results/bench-$PRESET.txt"
-  say "$PY" metrics.py --bench > results/metrics-bench.txt
-  PASTE+=("results/bench-$PRESET.txt" results/metrics-bench.txt)
-fi
-
-# Paste each results file into README.md between its markers <!-- results/FILE --> ... <!-- /results/FILE -->.
-for file in "${PASTE[@]}"; do
-  grep -q "<!-- $file -->" README.md 2>/dev/null || continue
-  awk -v start="<!-- $file -->" -v stop="<!-- /$file -->" -v path="$file" '
-    $0 == start { print; if (path ~ /\.txt$/) print "```"; while ((getline line < path) > 0) print line;
-                  if (path ~ /\.txt$/) print "```"; skip = 1; next }
-    $0 == stop { skip = 0 }
-    !skip' README.md > README.md.tmp && mv README.md.tmp README.md
-done
+[ "${BENCH:-1}" = 1 ] && bench
+paste_results
 cat "results/$NAME.md"
 echo "run.sh: done in $(( $(date +%s) - START )) s" >&2
