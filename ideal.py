@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
 import metrics
@@ -1009,6 +1010,17 @@ def finetune_model(cfg, ckpt, encoder_state, device):
     return model, opt
 
 
+def averaged(model, cfg, ckpt):
+    """The exponential moving average (decay --ema) of the weights and BatchNorm statistics, which validation, best.pt
+    and so evaluation use; restored from last.pt when resuming. None with --ema 0 (the model itself is judged)."""
+    if not cfg.get("ema"):
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
+    if ckpt:
+        ema.load_state_dict(ckpt["ema"])
+    return ema
+
+
 def finetune(cfg, given=()):
     """Semi-supervised fine-tuning with the two decoders supervising each other (Eq. 3)."""
     cfg, ckpt = open_run(cfg, "finetune", given)
@@ -1017,6 +1029,8 @@ def finetune(cfg, given=()):
     split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
     cfg.update(classes)
     model, opt = finetune_model(cfg, ckpt, encoder_state, device)
+    ema = averaged(model, cfg, ckpt)
+    judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = max([r["val_dice"] for r in log], default=-1.0)
     step_fn = parallel(model, cfg, device)
@@ -1036,17 +1050,19 @@ def finetune(cfg, given=()):
             xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
                 else (None, None)
             meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"]))
+            if ema:
+                ema.update_parameters(model)
             progress.update(meter, b if xu is None else b + bu)
-        val_dice = validate(model, x_v, m_v, cfg) if rank() == 0 else 0.0
+        val_dice = validate(judged, x_v, m_v, cfg) if rank() == 0 else 0.0
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4),
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
                       images_per_s=round(progress.rate(), 1), lr=opt.param_groups[0]["lr"])
-        files = {"best.pt": {"model": model.state_dict(), "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
+        files = {"best.pt": {"model": judged.state_dict(), "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
             if val_dice > best else {}
         best = max(best, val_dice)
         log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
             "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-            "config": cfg}}))
+            "config": cfg, **({"ema": ema.state_dict()} if ema else {})}}))
     if rank() == 0:
         write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
                    os.path.join(cfg["out"], "done.json"))
@@ -1716,6 +1732,9 @@ def add_finetune_loss_options(p):
     p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="confidence below which pseudo-labelled pixels are ignored")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
+    p.add_argument("--ema", type=number(float, inclusive=True, high=0.9999), default=0.0,
+                   help="validate, keep and evaluate an exponential moving average of the weights with this decay "
+                        "per step (0: the weights themselves)")
 
 
 def add_eval_options(p):

@@ -1235,6 +1235,28 @@ def test_same_seed_same_numbers(phantom, pretrained, tmp_path):
         (tmp_path / "again" / "log.jsonl").read_text().split("images_per_s")[0]
 
 
+def test_ema_is_validated_kept_and_resumed(phantom, pretrained, tmp_path, monkeypatch):
+    """--ema: best.pt holds the moving average of the weights and BatchNorm statistics, not the weights, and a run
+    killed in epoch 2 and resumed ends with the same weights and average as a run straight through."""
+    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
+            "--epochs", "2", "--steps-per-epoch", "3", "--ema", "0.5", *TINY]
+    assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    kill_at_save(monkeypatch, 3)                                    # epoch 1 wrote best.pt and last.pt
+    with pytest.raises(Killed):
+        ideal.main([*args, "--out", str(tmp_path / "killed")])
+    monkeypatch.undo()
+    last = torch.load(tmp_path / "killed" / "last.pt", map_location="cpu", weights_only=True)
+    best = weights(tmp_path / "killed" / "best.pt")
+    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    assert best.keys() == average.keys() == last["model"].keys() and int(last["ema"]["n_averaged"]) == 3
+    assert all(torch.equal(best[k], average[k]) for k in best)
+    assert not torch.equal(best["encoder.stem.0.weight"], last["model"]["encoder.stem.0.weight"])
+    assert ideal.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    a, b = (torch.load(tmp_path / out / "last.pt", map_location="cpu", weights_only=True) for out in ("whole", "killed"))
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
 def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
     out = tmp_path / "runs" / "ideal" / "L20" / "seed0"
     rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--pretrained",
