@@ -101,8 +101,10 @@ if [ "${BENCH:-1}" = only ]; then  # the benches alone, no training and no table
   exit 0
 fi
 
-# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt") pins every flag it tests, so it means
-# the same whatever the defaults are.
+# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt"; g*: the 2.5 % screening, README
+# "Results") pins every flag it tests, so it means the same whatever the defaults are.
+E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant)     # labeled slices only
+F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --warmup 0 --schedule constant)
 for row in $ROWS; do
   case $row in
     ideal) init=(--pretrained "$(pretrained both)") ;;
@@ -110,8 +112,7 @@ for row in $ROWS; do
     pretrained-supervised) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0) ;;
     global | local) init=(--pretrained "$(pretrained "$row")") ;;
     same-decoders) init=(--pretrained "$(pretrained both)" --same-decoders) ;;
-    e0-no-unlabeled) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0
-                           --schedule constant) ;;
+    e0-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}") ;;
     e1-joint-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward joint --schedule constant) ;;
     e2-separate-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
                           --schedule constant) ;;
@@ -121,8 +122,11 @@ for row in $ROWS; do
                             --pseudo same --threshold 0 --warmup 0 --schedule constant) ;;
     f2-weak) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
                    --pseudo weak --threshold 0 --warmup 0 --schedule constant) ;;
-    f4-weak-t0.9-w1) init=(--pretrained "$(pretrained both)" --unlabeled-weight 1 --rampup 0.4 --forward separate
-                           --pseudo weak --threshold 0.9 --warmup 0 --schedule constant) ;;
+    f4-weak-t0.9-w1) init=(--pretrained "$(pretrained both)" "${F4[@]}") ;;
+    g1-ema0.99) init=(--pretrained "$(pretrained both)" "${F4[@]}" --ema 0.99) ;;
+    g2-ema0.99-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --ema 0.99) ;;
+    g3-60-epochs) init=(--pretrained "$(pretrained both)" "${F4[@]}" --epochs 60) ;;
+    g4-60-epochs-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --epochs 60) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
