@@ -275,9 +275,9 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     q: (B, C, h, w) L2-normalised query map; k: (B, C, h, w) L2-normalised key map aligned to q's grid;
     valid: (B, h, w) bool, locations with a counterpart in the key view. Or q, k: (B, V, C, h, w) and valid:
     (B, V, h, w): V instances of Eq. 2 (the two directions, q -> k and k -> q) in one product, averaged.
-    Positive of q_{b,i} is k_{b,i}. negatives: "same" (Eq. 2): k_{b',i} of the other images b' at the same
-    location i; "all": every valid location of the other images' key maps. Other images: of the whole global batch
-    under torchrun (key maps gathered from every rank).
+    Positive of q_{b,i} is k_{b,i}, read off the same product as the negatives. negatives: "same" (Eq. 2):
+    k_{b',i} of the other images b' at the same location i; "all": every valid location of the other images' key
+    maps. Other images: of the whole global batch under torchrun (key maps gathered from every rank).
     Negatives that are not valid are left out; the loss is averaged over valid query locations (under torchrun
     divided by the global batch's count per rank, so that the mean over ranks is the loss of the global batch).
     tau: softmax temperature (default: 0.1).
