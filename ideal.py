@@ -1519,10 +1519,10 @@ def report(cfg):
 # ----------------------------------------------------------------------------------------------------------
 # bench
 # ----------------------------------------------------------------------------------------------------------
-def images_per_second(full, bare, images, device, steps, rounds=5):
+def images_per_second(full, bare, images, device, steps, rounds=10):
     """Throughputs of the step functions full() and bare() after two warm-up calls each, timed in alternating rounds
-    of steps // rounds calls, so that both meet the machine's slow and fast moments alike: the median round of each.
-    """
+    of steps // rounds calls, so that both meet the machine's slow and fast moments alike: the median round of each,
+    and the median of the rounds' ratios (full / bare, timed back to back) as their ratio."""
     def timed(step, calls):
         t0 = time.perf_counter()
         for _ in range(calls):
@@ -1536,8 +1536,8 @@ def images_per_second(full, bare, images, device, steps, rounds=5):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rounds = min(rounds, steps)
-    rates = [[timed(step, steps // rounds) for step in (full, bare)] for _ in range(rounds)]
-    return tuple(float(np.median(r)) for r in zip(*rates))
+    rates = np.array([[timed(step, steps // rounds) for step in (full, bare)] for _ in range(rounds)])
+    return (*np.median(rates, 0).tolist(), float(np.median(rates[:, 0] / rates[:, 1])))
 
 
 def bare_step(model, opt, *batches, no_grad=()):
@@ -1604,10 +1604,9 @@ def bench(cfg):
           f"{cfg['size']}x{cfg['size']}, batch {cfg['batch_size']}, {name}")
     results = {}
     for kind, fn in (("pretrain", bench_pretrain), ("finetune", bench_finetune)):
-        full, bare = fn(cfg, device, pool, g)
-        results[kind] = dict(step_images_per_s=round(full, 1), bare_images_per_s=round(bare, 1),
-                             ratio=round(full / bare, 3))
-        print(f"{kind:9s} step {full:8.1f} img/s   bare model {bare:8.1f} img/s   ratio {full / bare:.3f}")
+        full, bare, ratio = fn(cfg, device, pool, g)
+        results[kind] = dict(step_images_per_s=round(full, 1), bare_images_per_s=round(bare, 1), ratio=round(ratio, 3))
+        print(f"{kind:9s} step {full:8.1f} img/s   bare model {bare:8.1f} img/s   ratio {ratio:.3f}")
     print(json.dumps(dict(results, device=name, preset=cfg["preset"], batch_size=cfg["batch_size"])))
     return results
 
