@@ -11,7 +11,8 @@
 #   PRESET     cpu | paper | demo (default: paper with a GPU, cpu without; demo for the phantom)
 #   SEEDS      fine-tuning runs per setting; the paper reports the mean of 5 (default: 1)
 #   ROWS       rows of the table (default: ideal supervised pretrained-supervised global local same-decoders;
-#              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README
+#              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README, g* the
+#              2.5 % screening
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
 #   TABLE      results/<dataset>-<preset>[-TABLE].md: a separate table for a separate question (e.g. ablation)
 #   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run;

@@ -1324,6 +1324,7 @@ def test_bench_alternates_the_training_step_and_the_bare_model():
     (["pretrain", "--out", "x", "--size", "100"], ["--size", "multiple of 32"]),
     (["finetune", "--out", "x"], ["--pretrained"]),
     (["finetune", "--out", "x", "--no-pretrain", "--labeled", "150"], ["--labeled"]),
+    (["finetune", "--out", "x", "--no-pretrain", "--ema", "1"], ["--ema"]),
     (["pretrain", "--out", "x", "--device", "foo"], ["--device", "foo"]),
     (["pretrain", "--out", "x", "--device", "cuda:7"], ["--device", "cuda:7"]),
     (["pretrain", "--out", "x", "--device", "cpu:-1"], ["--device"]),
