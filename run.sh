@@ -11,8 +11,8 @@
 #   PRESET     cpu | paper | demo (default: paper with a GPU, cpu without; demo for the phantom)
 #   SEEDS      fine-tuning runs per setting; the paper reports the mean of 5 (default: 1)
 #   ROWS       rows of the table (default: ideal supervised pretrained-supervised global local same-decoders;
-#              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README, g* the
-#              2.5 % screening
+#              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README, g* and
+#              h* the 2.5 % screenings
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
 #   TABLE      results/<dataset>-<preset>[-TABLE].md: a separate table for a separate question (e.g. ablation)
 #   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run;
@@ -102,8 +102,8 @@ if [ "${BENCH:-1}" = only ]; then  # the benches alone, no training and no table
   exit 0
 fi
 
-# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt"; g*: the 2.5 % screening, README
-# "Results") pins every flag it tests, so it means the same whatever the defaults are.
+# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt"; g*, h*: the 2.5 % screenings,
+# README "Results") pins every flag it tests, so it means the same whatever the defaults are.
 E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant)     # labeled slices only
 F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --warmup 0 --schedule constant)
 for row in $ROWS; do
@@ -128,6 +128,8 @@ for row in $ROWS; do
     g2-ema0.99-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --ema 0.99) ;;
     g3-60-epochs) init=(--pretrained "$(pretrained both)" "${F4[@]}" --epochs 60) ;;
     g4-60-epochs-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --epochs 60) ;;
+    h1-threshold0.8) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.8) ;;
+    h2-weight2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --unlabeled-weight 2) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
