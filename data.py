@@ -349,7 +349,7 @@ def _load_own(root: Path, table, identity) -> list[Volume]:
     """imagesTr/ + labelsTr/ with matching names, plus unlabeled imagesUnlabeled/."""
     images = _nifti_files(root / "imagesTr")
     if not images:
-        raise DataError(f"{root / 'imagesTr'}: no .nii.gz images")
+        raise DataError(f"{root / 'imagesTr'}: no .nii or .nii.gz images")
     labels = {_stem(p): p for p in _nifti_files(root / "labelsTr")}
     volumes = []
     for path in images:
@@ -538,13 +538,16 @@ def _check_split(split, where, volumes=None) -> None:
 
 
 def save_split(split: dict, path) -> None:
-    """Validate and write split as JSON (temporary file + os.replace)."""
+    """Validate and write split as JSON (temporary file + os.replace; none is left if the write fails)."""
     _check_split(split, path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(split, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(split, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_split(path, volumes=None) -> dict:

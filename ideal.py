@@ -178,16 +178,16 @@ class PretrainNet(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Views with known geometry (on the training device, batched)
 # ----------------------------------------------------------------------------------------------------------
-def random_affine(n, g, device, scale=(0.7, 1.0), rotate=math.pi / 6, flip=True, shift=None):
+def random_affine(n, g, device, scale=(0.7, 1.0), rotate=math.pi / 6, shift=None):
     """Random affines theta (n, 2, 3) in normalised coordinates, view -> image (F.affine_grid's convention).
 
-    A view covers `scale` of the image side, rotated by up to +-`rotate` radians, optionally flipped in x, and
+    A view covers `scale` of the image side, rotated by up to +-`rotate` radians, flipped in x half the time, and
     shifted by up to +-`shift` (default: as far as an unrotated view stays inside the image, 1 - scale).
     """
     u = torch.rand(n, 4, generator=g, device=device)
     s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     a = (2 * u[:, 1] - 1) * rotate
-    fx = torch.where(u[:, 2] < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=device)
+    fx = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(a) * s, torch.sin(a) * s
     shift = (2 * torch.rand(n, 2, generator=g, device=device) - 1) * ((1 - s)[:, None] if shift is None else shift)
     return torch.stack([torch.stack([cos * fx, -sin, shift[:, 0]], 1),
@@ -562,6 +562,13 @@ def load_checkpoint(path, keys, kind=None):
     return ckpt
 
 
+def restore(cfg, ckpt, model, opt):
+    """A resumed run's model and optimizer from its last.pt (CheckpointError if they do not fit)."""
+    last = os.path.join(cfg["out"], "last.pt")
+    load_state(model, ckpt["model"], last)
+    load_state(opt, ckpt["optimizer"], last, "optimizer states")
+
+
 def check_arch(found, wanted, path):
     """CheckpointError naming every architecture value that differs between a checkpoint and this run."""
     diff = [f"{k}={found.get(k)} (this run: {wanted[k]})" for k in ARCH_KEYS if found.get(k) != wanted[k]]
@@ -569,13 +576,14 @@ def check_arch(found, wanted, path):
         raise CheckpointError(f"{path}: made with another architecture: {', '.join(diff)}")
 
 
-def load_state(module, state, path):
-    """load_state_dict(strict=True), turning a mismatch into one line naming the offending keys."""
+def load_state(obj, state, path, what="weights"):
+    """obj.load_state_dict(state) (strict for a module; an optimizer, an averaged model), turning a mismatch into one
+    line naming the offending keys."""
     try:
-        module.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
+        obj.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, ValueError, KeyError) as e:
         detail = " ".join(str(e).split())
-        raise CheckpointError(f"{path}: weights do not fit this model: {detail[:300]}") from None
+        raise CheckpointError(f"{path}: its {what} do not fit this run: {detail[:300]}") from None
 
 
 @contextlib.contextmanager
@@ -605,21 +613,24 @@ def claimed(out):
             shutil.rmtree(out)
 
 
-RESUME_FREE = ("out", "resume", "quiet", "device", "epochs", "data", "compile", "threads")
+RESUME_NEW = ("data", "compile", "threads")                 # may change on resume, and the new value holds
+RESUME_FREE = ("out", "resume", "quiet", "device", "epochs", "pretrained", *RESUME_NEW)   # "pretrained": read at start
 
 
 def open_run(cfg, command, given):
     """(cfg, last checkpoint or None) of the run in --out, whose lock the caller holds.
 
     last.pt present: --resume continues it with its stored options (an option in `given`, the options named on the
-    command line, that differs from the stored one is refused; --epochs may extend it, never shorten it). No
-    last.pt: a new run, also in a folder left by a run that died before its first checkpoint (nothing to lose).
+    command line, that differs from the stored one is refused; --epochs may extend it, never shorten it; so many
+    processes as it was trained with). No last.pt: a new run, also in a folder left by a run that died before its
+    first checkpoint (nothing to lose).
     """
     out, last = cfg["out"], os.path.join(cfg["out"], "last.pt")
     if not os.path.exists(last):
         if cfg["resume"]:
             note(cfg, f"{out}: no checkpoint yet; starting the run")
-        return dict(cfg, resume=False, epochs=cfg["epochs"] or PRESETS[cfg["preset"]][f"{command}_epochs"]), None
+        epochs = cfg["epochs"] or PRESETS[cfg["preset"]][f"{command}_epochs"]
+        return dict(cfg, resume=False, epochs=epochs, world_size=world()), None
     if not cfg["resume"]:
         raise data.DataError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     ckpt = load_checkpoint(last, ("model", "optimizer", "epoch", "config", "log"), command)
@@ -629,16 +640,27 @@ def open_run(cfg, command, given):
     if changed:
         raise data.DataError(f"{last}: a resumed run keeps its stored options; drop {', '.join(changed)} or start "
                              "a new --out")
+    if stored.get("world_size", world()) != world():
+        raise data.DataError(f"{last}: trained by {stored['world_size']} process(es), resumed by {world()}; the global "
+                             "batch and its sampling would change (resume it with as many, or start a new --out)")
     epochs = cfg["epochs"] if "epochs" in given else stored["epochs"]
     if epochs < ckpt["epoch"]:
         raise data.DataError(f"{last}: --epochs {epochs} is fewer than the {ckpt['epoch']} epochs the run holds")
-    return dict(stored, out=out, quiet=cfg["quiet"], device=cfg["device"], resume=True, epochs=epochs), ckpt
+    if epochs > stored["epochs"]:
+        note(cfg, f"{out}: extended from {stored['epochs']} to {epochs} epochs; the learning-rate schedule and the "
+                  "ramp-up now span the longer run")
+    new = {k: cfg[k] for k in RESUME_NEW if k in given}
+    return dict(stored, **new, out=out, quiet=cfg["quiet"], device=cfg["device"], resume=True, epochs=epochs), ckpt
 
 
 def start_run(cfg, split, ckpt):
     """New run: config.json (every resolved option), split.json and an empty log.jsonl. Resumed run: log.jsonl
-    rewritten from the checkpoint, one line per epoch it holds. Returns the log (a list of epoch records)."""
+    rewritten from the checkpoint, one line per epoch it holds, and no done.json while epochs are left (an extended
+    run). Returns the log (a list of epoch records)."""
     log = ckpt["log"] if ckpt else []
+    done = os.path.join(cfg["out"], "done.json")
+    if rank() == 0 and ckpt and ckpt["epoch"] < cfg["epochs"] and os.path.exists(done):
+        os.remove(done)
     if rank() == 0:
         if not ckpt:
             write_json(cfg, os.path.join(cfg["out"], "config.json"))
@@ -667,6 +689,8 @@ def end_epoch(cfg, model, record, log, files):
 
 def last_good(cfg):
     """Where a stopped run can continue from, for error messages."""
+    if not cfg.get("out"):
+        return "nothing was written"                # bench
     last = os.path.join(cfg["out"], "last.pt")
     return f"the last good checkpoint is {last} (--resume)" if os.path.exists(last) else \
         "no checkpoint was written; the same command starts the run again"
@@ -781,8 +805,14 @@ def resolve_data(cfg):
     if not os.path.isdir(PHANTOM_DIR):
         note(cfg, f"no --data: writing the synthetic phantom to {PHANTOM_DIR} (not real data)")
         tmp = f"{PHANTOM_DIR}.tmp{os.getpid()}"
-        data.write_phantom(tmp, n=100, seed=0)
-        os.replace(tmp, PHANTOM_DIR)                 # a killed run never leaves half a phantom
+        try:
+            data.write_phantom(tmp, n=100, seed=0)
+            os.replace(tmp, PHANTOM_DIR)             # a killed run never leaves half a phantom
+        except OSError as e:                         # unless another process has just written the same phantom
+            if not os.path.isdir(PHANTOM_DIR):
+                raise data.DataError(f"{PHANTOM_DIR}: cannot write the synthetic phantom ({e.strerror or e})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     else:
         note(cfg, f"no --data: using the synthetic phantom in {PHANTOM_DIR} (not real data)")
     return PHANTOM_DIR
@@ -826,8 +856,7 @@ def pretrain(cfg, given=()):
     model = to_device(PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     if ckpt:
-        load_state(model, ckpt["model"], os.path.join(cfg["out"], "last.pt"))
-        opt.load_state_dict(ckpt["optimizer"])
+        restore(cfg, ckpt, model, opt)
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     step_fn = parallel(model, cfg, device, find_unused=cfg["loss"] != "both")
     note(cfg, f"pretrain: {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, {steps} steps "
@@ -982,7 +1011,8 @@ def validate(model, x_val, m_val, cfg):
 
 def finetune_data(cfg, device):
     """(split, classes {num_classes, class_names}, slices): labeled, unlabeled (training volumes outside the
-    labeled subset) and validation slices. DataError without a labeled validation volume (model selection)."""
+    labeled subset; at L = 100 % all training volumes, labels unused) and validation slices. DataError without a
+    labeled validation volume (model selection)."""
     layout, volumes, split = load_split_volumes(cfg)
     n = data.num_classes(layout, volumes)
     classes = {"num_classes": n, "class_names": list(data.CLASS_NAMES.get(layout, [str(c) for c in range(n)]))}
@@ -990,10 +1020,11 @@ def finetune_data(cfg, device):
         raise data.DataError(f"{resolve_data(cfg)}: the split has no labeled validation volume; the best checkpoint "
                              "is chosen on it (own layout: give at least 5 labeled cases, or pass --split)")
     x_l, m_l = slices_of(volumes, split["labeled"], cfg)
-    x_u = slices_of(volumes, split["unlabeled"] or split["train"], cfg, labels=False)
+    unlabeled = split["unlabeled"] or split["train"]
+    x_u = slices_of(volumes, unlabeled, cfg, labels=False)
     x_v, m_v = slices_of(volumes, split["val"], cfg)
     note(cfg, f"finetune: {len(split['labeled'])} labeled volumes ({len(x_l)} slices), "
-              f"{len(split['unlabeled'])} unlabeled ({len(x_u)} slices), {len(split['val'])} val")
+              f"{len(unlabeled)} unlabeled ({len(x_u)} slices), {len(split['val'])} val")
     return split, classes, (to_device(x_l, device), m_l.to(device), to_device(x_u, device), x_v, m_v)
 
 
@@ -1003,8 +1034,7 @@ def finetune_model(cfg, ckpt, encoder_state, device):
     model = to_device(IDEALSegmenter(cfg["num_classes"], cfg["depth"], cfg["width"], cfg["same_decoders"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     if ckpt:
-        load_state(model, ckpt["model"], os.path.join(cfg["out"], "last.pt"))
-        opt.load_state_dict(ckpt["optimizer"])
+        restore(cfg, ckpt, model, opt)
     elif encoder_state is not None:
         load_encoder(model.encoder, encoder_state, cfg["pretrained"])
     return model, opt
@@ -1017,7 +1047,7 @@ def averaged(model, cfg, ckpt):
         return None
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
     if ckpt:
-        ema.load_state_dict(ckpt["ema"])
+        load_state(ema, ckpt.get("ema"), os.path.join(cfg["out"], "last.pt"), "averaged weights")
     return ema
 
 
@@ -1040,7 +1070,7 @@ def finetune(cfg, given=()):
     for epoch in range(start, cfg["epochs"]):
         g_cpu, g_dev = generators(cfg["seed"], epoch, device)
         gu_cpu, gu_dev = generators(cfg["seed"], epoch, device, stream=1)
-        meter = Meter(cfg, epoch + 1)
+        meter, t0, seen = Meter(cfg, epoch + 1), time.time(), progress.images
         for step in range(steps):
             t = epoch * steps + step
             for group in opt.param_groups:
@@ -1053,10 +1083,11 @@ def finetune(cfg, given=()):
             if ema:
                 ema.update_parameters(model)
             progress.update(meter, b if xu is None else b + bu)
+        images_per_s = (progress.images - seen) / (time.time() - t0)          # the training steps alone
         val_dice = validate(judged, x_v, m_v, cfg) if rank() == 0 else 0.0
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4),
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
-                      images_per_s=round(progress.rate(), 1), lr=opt.param_groups[0]["lr"])
+                      images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"])
         files = {"best.pt": {"model": judged.state_dict(), "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
             if val_dice > best else {}
         best = max(best, val_dice)
@@ -1197,17 +1228,19 @@ def evaluate_run(cfg):
             make_folder(os.path.join(out, sub))
     mode, labels = cfg["predict"] or run_cfg["predict"], list(range(1, run_cfg["num_classes"]))
     per_volume, rows, measured = [], [], []
-    for vol in volumes:
+    for i, vol in enumerate(volumes, 1):
         (pred,), _ = segment(model, [vol], run_cfg, mode, run_cfg["batch_size"], Stopwatch())
         if cfg["save_pred"]:
-            data.save_label_nifti(pred, vol, os.path.join(out, "pred", f"{vol.id}.nii.gz"))
+            path = os.path.join(out, "pred", f"{vol.id}.nii.gz")
+            write_atomic(path, lambda tmp: data.save_label_nifti(pred, vol, tmp))
         if cfg["save_png"]:
-            overlay_png(os.path.join(out, "png", f"{vol.id}.png"), vol, pred)
+            write_atomic(os.path.join(out, "png", f"{vol.id}.png"), lambda tmp: overlay_png(tmp, vol, pred))
         result = metrics.evaluate(pred, vol.label, vol.spacing, labels)
         ml = {c: (metrics.volume_ml(pred == c, vol.spacing), metrics.volume_ml(vol.label == c, vol.spacing))
               for c in labels}
         per_volume.append(result)
         measured.append((vol, ml))
+        note(cfg, f"eval {i}/{len(volumes)} {vol.id}: DSC " + " ".join(f"{result[c]['dsc']:.3f}" for c in labels))
         rows += [dict(id=vol.id, label=c, **result[c], volume_ml_pred=ml[c][0], volume_ml_gt=ml[c][1])
                  for c in labels]
     write_csv(rows, os.path.join(out, "metrics.csv"))
@@ -1783,8 +1816,9 @@ def build_parser():
     p.add_argument("--pretrained", type=text, help="encoder.pt of a pre-training run (required unless "
                    "--no-pretrain)")
     p.add_argument("--no-pretrain", action="store_true", help="random encoder initialisation")
-    p.add_argument("--labeled", type=number(float, high=100.0), default=1.25, help="L: %% of training volumes")
-    p.add_argument("--split-file", dest="split", type=text, help="split.json to reuse instead of drawing one")
+    p.add_argument("--labeled", type=number(float, high=100.0), help="L: %% of training volumes (default: 1.25)")
+    p.add_argument("--split-file", dest="split", type=text, help="split.json to reuse instead of drawing one (its "
+                   "labeled volumes replace --labeled)")
     add_finetune_loss_options(p)
     p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
     p.add_argument("--predict", default="mean", choices=("mean", "d1", "d2"), help="prediction used for val")
@@ -1804,8 +1838,8 @@ def build_parser():
     add_report_options(p)
     p = sub.add_parser("bench", help="training-step throughput vs the bare model (the default losses)")
     add_model_options(p, "pretrain"), add_pretrain_loss_options(p), add_finetune_loss_options(p)
-    p.add_argument("--steps", type=number(int), default=20,
-                   help="timed steps of each kind, in 5 rounds that alternate the training step and the bare model")
+    p.add_argument("--steps", type=number(int), default=60,
+                   help="timed steps of each kind, in 10 rounds that alternate the training step and the bare model")
     add_process_options(p)
     return parser
 
@@ -1832,7 +1866,7 @@ def resolve(args, parser):
         torch.set_num_threads(cfg["threads"])
     if "device" in cfg:
         cfg["device"] = check_device(cfg["device"], parser)
-    if "preset" not in cfg:                          # eval, predict and report take their values from the run
+    if "preset" not in cfg:                          # eval and predict take theirs from the run
         return cfg
     cfg["preset"] = cfg["preset"] or ("paper" if cfg["device"].startswith("cuda") else "cpu")
     preset = PRESETS[cfg["preset"]]
@@ -1843,8 +1877,14 @@ def resolve(args, parser):
         cfg["lr"] = preset["finetune_lr" if args.command == "finetune" else "pretrain_lr"]
     if cfg["size"] % 32:
         parser.error(f"argument --size: must be a multiple of 32 (the encoder's stride), got {cfg['size']}")
-    if args.command == "finetune" and not (cfg["pretrained"] or cfg["no_pretrain"] or cfg["resume"]):
-        parser.error("argument --pretrained: ENCODER.pt is required unless --no-pretrain is given")
+    resumable = cfg.get("resume") and os.path.exists(os.path.join(cfg["out"], "last.pt"))
+    if args.command == "finetune" and not (cfg["pretrained"] or cfg["no_pretrain"] or resumable):
+        parser.error("argument --pretrained: ENCODER.pt is required unless --no-pretrain is given" +
+                     (f" ({cfg['out']} holds no checkpoint to resume)" if cfg["resume"] else ""))
+    if args.command == "finetune" and cfg["split"] and cfg["labeled"] is not None:
+        parser.error("argument --labeled: not with --split-file, whose labeled volumes the run uses")
+    if args.command == "finetune" and not cfg["split"] and cfg["labeled"] is None:
+        cfg["labeled"] = 1.25
     if "unlabeled_batch" in cfg and cfg["unlabeled_batch"] is None:
         cfg["unlabeled_batch"] = cfg["batch_size"]
     if args.command != "bench":
@@ -1876,7 +1916,7 @@ def main(argv=None):
     except (data.DataError, CheckpointError) as e:
         print(f"ideal.py {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as e:
+    except (FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError) as e:
         print(f"ideal.py {args.command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
     finally:

@@ -235,6 +235,15 @@ def test_split_json_round_trip(tmp_path):
     assert data.load_split(tmp_path / "run" / "split.json", vols) == split
 
 
+def test_save_split_leaves_no_temporary_file_when_the_write_fails(tmp_path, monkeypatch):
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.os, "replace", full)
+    with pytest.raises(OSError):
+        data.save_split(data.make_split(fake(ACDC_IDS), "acdc", 2.5, seed=3), tmp_path / "split.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("edit", ["missing key", "overlap", "unknown id", "labeled outside train", "not json"])
 def test_invalid_split_file(tmp_path, edit):
     vols = fake(ACDC_IDS)
@@ -1325,6 +1334,8 @@ def test_bench_alternates_the_training_step_and_the_bare_model():
     (["finetune", "--out", "x"], ["--pretrained"]),
     (["finetune", "--out", "x", "--no-pretrain", "--labeled", "150"], ["--labeled"]),
     (["finetune", "--out", "x", "--no-pretrain", "--ema", "1"], ["--ema"]),
+    (["finetune", "--out", "x", "--resume"], ["--pretrained", "x holds no checkpoint"]),
+    (["finetune", "--out", "x", "--no-pretrain", "--split-file", "s.json", "--labeled", "5"], ["--labeled", "--split"]),
     (["pretrain", "--out", "x", "--device", "foo"], ["--device", "foo"]),
     (["pretrain", "--out", "x", "--device", "cuda:7"], ["--device", "cuda:7"]),
     (["pretrain", "--out", "x", "--device", "cpu:-1"], ["--device"]),
@@ -1457,6 +1468,65 @@ def test_resume_refuses_fewer_epochs_and_changed_options(pretrained, tmp_path, c
     before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
     assert_one_error_line(run_main(capsys, "pretrain", "--out", copy, "--resume", *TINY, *extra), *words)
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+
+
+def test_resume_reads_a_moved_dataset_and_keeps_the_number_of_processes(phantom, tmp_path, capsys):
+    """--data may change on resume (a moved dataset) and the new folder is read; config.json records the number of
+    processes, and another number is refused in one line, nothing changed."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "run"
+    shutil.copytree(phantom, a)
+    assert run_main(capsys, "pretrain", "--data", a, "--out", out, "--epochs", "1", *TINY)[0] == 0
+    assert json.loads((out / "config.json").read_text())["world_size"] == 1
+    a.rename(b)
+    assert run_main(capsys, "pretrain", "--data", b, "--out", out, "--resume", "--epochs", "2", *TINY)[0] == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["data"] == str(b) and log_epochs(out) == [1, 2]
+    ckpt["config"]["world_size"] = 2
+    torch.save(ckpt, out / "last.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert_one_error_line(run_main(capsys, "pretrain", "--out", out, "--resume", "--epochs", "3", *TINY),
+                          "last.pt", "2 process(es)", "resumed by 1")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_an_extended_run_is_unfinished_until_the_extension_ends(pretrained, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(pretrained, copy)
+    kill_at_save(monkeypatch, 1)
+    with pytest.raises(Killed):
+        ideal.main(["pretrain", "--out", str(copy), "--resume", "--epochs", "3", *TINY])
+    assert not (copy / "done.json").exists() and log_epochs(copy) == [1, 2]
+
+
+def test_an_optimizer_state_that_does_not_fit_is_one_line(pretrained, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(pretrained, copy)
+    ckpt = torch.load(copy / "last.pt", weights_only=True)
+    ckpt["optimizer"]["param_groups"][0]["params"] = [0]
+    torch.save(ckpt, copy / "last.pt")
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    assert_one_error_line(run_main(capsys, "pretrain", "--out", copy, "--resume", "--epochs", "3", *TINY),
+                          "last.pt", "optimizer")
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+
+
+def test_two_processes_writing_the_phantom_cache_both_go_on(tmp_path, monkeypatch):
+    """Two runs without --data start at once: the one that loses the race to cache/phantom uses the other's copy
+    (the same phantom) and leaves no temporary folder."""
+    monkeypatch.setattr(ideal, "PHANTOM_DIR", str(tmp_path / "cache" / "phantom"))
+    real = data.write_phantom
+
+    def raced(out, n, seed):
+        real(ideal.PHANTOM_DIR, n=1, seed=seed)                          # the other process finishes first
+        real(out, n=1, seed=seed)
+    monkeypatch.setattr(data, "write_phantom", raced)
+    assert ideal.resolve_data({"data": None, "quiet": True}) == ideal.PHANTOM_DIR
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["phantom"]
+
+
+def test_where_to_continue_from_without_a_run_folder():
+    """bench has no --out: a non-finite loss there still ends in one line."""
+    assert ideal.last_good({"quiet": True}) == "nothing was written"
 
 
 def test_a_second_process_on_the_same_out_stops_at_once(phantom, tmp_path):
@@ -2086,6 +2156,20 @@ def test_eval_test_split_with_both_frames_scores_ed_and_es_of_the_test_patients(
     ids = {r["id"] for r in csv_rows(tuned / "eval-test-both" / "metrics.csv")}
     assert ids == {f"{p}_{phase}" for p in test for phase in ("ED", "ES")} and len(test) == 4
     assert [r["case"] for r in csv_rows(tuned / "eval-test-both" / "clinical.csv")] == test
+
+
+def test_eval_prints_a_line_per_volume_and_an_unwritable_output_is_one_line(tuned, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tuned, run)
+    rc, _, err = run_main(capsys, "eval", "--run", run)
+    test = json.loads((run / "split.json").read_text())["test"]
+    assert rc == 0 and [line.split()[:2] for line in err.splitlines() if line.startswith("eval ")] == \
+        [["eval", f"{i}/{len(test)}"] for i in range(1, len(test) + 1)]
+    assert run_main(capsys, "eval", "--run", run, "--quiet")[2] == ""
+    for vid in test:                                                     # a folder where the prediction goes
+        (run / "eval-test" / "pred" / f"{vid}.nii.gz").mkdir(parents=True)
+    assert_one_error_line(run_main(capsys, "eval", "--run", run, "--save-pred", "--quiet"), ".nii.gz", "cannot write")
+    assert not [p for p in (run / "eval-test" / "pred").iterdir() if ".tmp" in p.name]
 
 
 def test_select_matches_patients_across_frame_settings():
