@@ -621,8 +621,8 @@ def open_run(cfg, command, given):
     """(cfg, last checkpoint or None) of the run in --out, whose lock the caller holds.
 
     last.pt present: --resume continues it with its stored options (an option in `given`, the options named on the
-    command line, that differs from the stored one is refused; --epochs may extend it, never shorten it; so many
-    processes as it was trained with). No last.pt: a new run, also in a folder left by a run that died before its
+    command line, that differs from the stored one is refused; --epochs may extend it, never shorten it; with as
+    many processes as it was trained with). No last.pt: a new run, also in a folder left by a run that died before its
     first checkpoint (nothing to lose).
     """
     out, last = cfg["out"], os.path.join(cfg["out"], "last.pt")

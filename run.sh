@@ -154,8 +154,8 @@ threads=${OMP_NUM_THREADS:+ (OMP_NUM_THREADS=$OMP_NUM_THREADS)}
 echo "wall time: $(( $(date +%s) - START )) s on $(nproc --all) cores$threads" >> "results/$NAME.md"
 PASTE=("results/$NAME.md")
 
-# ACDC: the ideal run of the last fraction in FRACTIONS on data it never saw, the ED and ES frames of the test patients,
-# with the clinical indices.
+# ACDC: the ideal run of the last fraction in FRACTIONS on data it never saw, the ED and ES frames of the test
+# patients, with the clinical indices.
 unseen=$OUT/ideal/L${FRACTIONS##* }/seed0
 if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$unseen/done.json" ] && [ -z "${TABLE:-}" ]; then
   { echo "# $unseen on the ED and ES frames of the 20 test patients (never seen in training)"; echo
