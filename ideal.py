@@ -474,7 +474,8 @@ def gather(x):
     if world() == 1:
         return x
     if x.requires_grad:                              # the gradient of the whole is summed back onto each part
-        return funcol.all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+        all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+        return all_gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)          # torch >= 2.13, else >= 2.4
     parts = [torch.empty_like(x) for _ in range(world())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)

@@ -19,8 +19,9 @@
 #              only: the benches alone, e.g. PRESET=cpu BENCH=only bash run.sh)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
 #   PRETRAIN_FLAGS, FINETUNE_FLAGS  extra flags for every pretrain / finetune call (e.g. --epochs 50)
-# Re-running skips every finished step (a run folder with done.json, an eval with summary.json) and resumes a
-# run folder that has last.pt but no done.json, so an interrupted protocol continues where it stopped.
+# Re-running skips every finished training and evaluation (a run folder with done.json, an eval with summary.json;
+# the tables and the quick ED+ES scoring are made again) and resumes a run folder that has last.pt but no done.json,
+# so an interrupted protocol continues where it stopped.
 # Two runs side by side on one machine: give each half the cores, e.g. OMP_NUM_THREADS=1 bash run.sh on 2 cores
 # (two jobs that each take every core slow each other down 10-15x).
 set -euo pipefail
@@ -160,7 +161,7 @@ unseen=$OUT/ideal/L${FRACTIONS##* }/seed0
 if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$unseen/done.json" ] && [ -z "${TABLE:-}" ]; then
   { echo "# $unseen on the ED and ES frames of the 20 test patients (never seen in training)"; echo
     echo "Made by \`python ideal.py eval --run $unseen --frames both --quiet\` (run.sh) at commit $COMMIT."
-    echo; echo '```'; "$PY" ideal.py eval --run "$unseen" --frames both --quiet; echo '```'
+    echo; echo '```'; say "$PY" ideal.py eval --run "$unseen" --frames both --quiet; echo '```'
   } > "results/$NAME-unseen.md"
   PASTE+=("results/$NAME-unseen.md")
 fi
