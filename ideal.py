@@ -660,9 +660,9 @@ def start_run(cfg, split, ckpt):
     run). Returns the log (a list of epoch records)."""
     log = ckpt["log"] if ckpt else []
     done = os.path.join(cfg["out"], "done.json")
-    if rank() == 0 and ckpt and ckpt["epoch"] < cfg["epochs"] and os.path.exists(done):
-        os.remove(done)
     if rank() == 0:
+        if ckpt and ckpt["epoch"] < cfg["epochs"] and os.path.exists(done):
+            os.remove(done)
         if not ckpt:
             write_json(cfg, os.path.join(cfg["out"], "config.json"))
             write_atomic(os.path.join(cfg["out"], "split.json"), lambda tmp: data.save_split(split, tmp))
@@ -1878,19 +1878,26 @@ def resolve(args, parser):
         cfg["lr"] = preset["finetune_lr" if args.command == "finetune" else "pretrain_lr"]
     if cfg["size"] % 32:
         parser.error(f"argument --size: must be a multiple of 32 (the encoder's stride), got {cfg['size']}")
-    resumable = cfg.get("resume") and os.path.exists(os.path.join(cfg["out"], "last.pt"))
-    if args.command == "finetune" and not (cfg["pretrained"] or cfg["no_pretrain"] or resumable):
-        parser.error("argument --pretrained: ENCODER.pt is required unless --no-pretrain is given" +
-                     (f" ({cfg['out']} holds no checkpoint to resume)" if cfg["resume"] else ""))
-    if args.command == "finetune" and cfg["split"] and cfg["labeled"] is not None:
-        parser.error("argument --labeled: not with --split-file, whose labeled volumes the run uses")
-    if args.command == "finetune" and not cfg["split"] and cfg["labeled"] is None:
-        cfg["labeled"] = 1.25
+    if args.command == "finetune":
+        check_finetune(cfg, parser)
     if "unlabeled_batch" in cfg and cfg["unlabeled_batch"] is None:
         cfg["unlabeled_batch"] = cfg["batch_size"]
     if args.command != "bench":
         note(cfg, f"{args.command}: preset {cfg['preset']} on {cfg['device']}")
     return cfg
+
+
+def check_finetune(cfg, parser):
+    """finetune's rules across options: an encoder unless a checkpoint is resumed; --labeled (default 1.25) or
+    --split-file, whose labeled volumes replace it."""
+    resumable = cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt"))
+    if not (cfg["pretrained"] or cfg["no_pretrain"] or resumable):
+        parser.error("argument --pretrained: ENCODER.pt is required unless --no-pretrain is given" +
+                     (f" ({cfg['out']} holds no checkpoint to resume)" if cfg["resume"] else ""))
+    if cfg["split"] and cfg["labeled"] is not None:
+        parser.error("argument --labeled: not with --split-file, whose labeled volumes the run uses")
+    if not cfg["split"] and cfg["labeled"] is None:
+        cfg["labeled"] = 1.25
 
 
 def given_options(argv):
