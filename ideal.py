@@ -228,10 +228,14 @@ def make_view(x, g):
 
 
 def relative_affine(theta_q, theta_k):
-    """The affine mapping query-view coordinates to key-view coordinates: inv(M_k) @ M_q, (B, 2, 3)."""
-    last = torch.tensor([0.0, 0.0, 1.0], device=theta_q.device).expand(theta_q.shape[0], 1, 3)
-    m_q, m_k = torch.cat([theta_q, last], 1), torch.cat([theta_k, last], 1)
-    return (torch.linalg.inv(m_k) @ m_q)[:, :2]
+    """The affine mapping query-view coordinates to key-view coordinates: inv(M_k) @ M_q, (B, 2, 3).
+
+    With M = [A t; 0 1], inv(M_k) M_q = [inv(A_k) A_q, inv(A_k) (t_q - t_k)], inv(A_k) by the 2x2 adjugate: no
+    torch.linalg.inv and no host-made constant, each of which would stop a GPU step to synchronise.
+    """
+    a, b, c, d = theta_k[:, 0, 0], theta_k[:, 0, 1], theta_k[:, 1, 0], theta_k[:, 1, 1]
+    inv_a = torch.stack([torch.stack([d, -b], 1), torch.stack([-c, a], 1)], 1) / (a * d - b * c)[:, None, None]
+    return torch.cat([inv_a @ theta_q[:, :, :2], inv_a @ (theta_q[:, :, 2:] - theta_k[:, :, 2:])], 2)
 
 
 def align(k, theta_q, theta_k):
@@ -264,8 +268,8 @@ def global_infonce(q, k, tau=0.1):
     logits = torch.cat([q, k]) @ keys.t() / tau                             # (2B, 2WB)
     n = keys.shape[0] // 2
     own = torch.arange(b, device=q.device) + rank() * b                     # global index of this rank's images
-    rows = torch.arange(2 * b, device=q.device)
-    logits = logits.index_put((rows, torch.cat([own, own + n])), logits.new_tensor(float("-inf")))
+    itself = torch.cat([own, own + n])[:, None] == torch.arange(2 * n, device=q.device)   # (2B, 2WB): no host copy
+    logits = logits.masked_fill(itself, float("-inf"))
     return F.cross_entropy(logits, torch.cat([own + n, own]))
 
 

@@ -967,6 +967,18 @@ def test_separable_affine_grid_is_torchs(shape):
         torch.testing.assert_close(ideal.affine_grid(theta, h, w), want, rtol=0, atol=2.4e-7)
 
 
+def test_relative_affine_is_the_matrix_inverse_composition():
+    """relative_affine's adjugate form equals inv(M_k) @ M_q by torch.linalg.inv, and maps the key view back onto
+    the query view (M_k @ rel = M_q)."""
+    g = torch.Generator().manual_seed(3)
+    theta_q, theta_k = (ideal.random_affine(64, g, torch.device("cpu")).double() for _ in range(2))
+    last = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(64, 1, 3)
+    m_q, m_k = torch.cat([theta_q, last], 1), torch.cat([theta_k, last], 1)
+    rel = ideal.relative_affine(theta_q, theta_k)
+    torch.testing.assert_close(rel, (torch.linalg.inv(m_k) @ m_q)[:, :2], rtol=0, atol=1e-12)
+    torch.testing.assert_close((m_k @ torch.cat([rel, last], 1))[:, :2], theta_q, rtol=0, atol=1e-12)
+
+
 def test_alignment_is_exact_on_a_coordinate_ramp():
     """Features = the image coordinates themselves: after alignment the key map must equal the query map."""
     n = 96
