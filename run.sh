@@ -131,6 +131,8 @@ for row in $ROWS; do
     g4-60-epochs-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --epochs 60) ;;
     h1-threshold0.8) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.8) ;;
     h2-weight2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --unlabeled-weight 2) ;;
+    h3-warmup0.2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --warmup 0.2) ;;
+    h4-threshold0.95) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.95) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
