@@ -979,6 +979,25 @@ def test_relative_affine_is_the_matrix_inverse_composition():
     torch.testing.assert_close((m_k @ torch.cat([rel, last], 1))[:, :2], theta_q, rtol=0, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_pretraining_step_on_cuda_never_waits_for_the_device():
+    """No host synchronisation inside pretrain_step (views, both losses, backward, Adam): torch's sync debug mode
+    raises on the first one (results/gpu/probe.py found three before 7468e7c)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = ideal.to_device(ideal.PretrainNet(18, 8, 16), device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(4, 1, 64, 64, device=device)
+    ideal.pretrain_step(model, opt, x, g)                                   # warm-up: lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ideal.pretrain_step(model, opt, x, g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_alignment_is_exact_on_a_coordinate_ramp():
     """Features = the image coordinates themselves: after alignment the key map must equal the query map."""
     n = 96
