@@ -982,7 +982,7 @@ def test_relative_affine_is_the_matrix_inverse_composition():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_pretraining_step_on_cuda_never_waits_for_the_device():
     """No host synchronisation inside pretrain_step (views, both losses, backward, Adam): torch's sync debug mode
-    raises on the first one (results/gpu/probe.py found three before 7468e7c)."""
+    raises on the first one (7468e7c removed three: torch.linalg.inv and two host-made constants)."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = ideal.to_device(ideal.PretrainNet(18, 8, 16), device)

@@ -8,16 +8,15 @@
 # GPU gives (an earlier H200 check: DSC 0.21 after 1000 steps at 1e-5); every other setting is the default.
 # Needs DATA (an ACDC folder; ED frames suffice), WHL (a folder with the nibabel wheel, if nibabel is missing) and
 # OUT. Local dry run of the plumbing: PRESET=demo BENCH=demo BENCH_STEPS=5 PRE_EPOCHS=1 FT_EPOCHS=1 STEPS=2
-# DATA=.gpu/acdc-ed OUT=/tmp/g bash results/gpu/gpu.sh
+# DATA=.gpu/acdc-ed OUT=$(mktemp -d) bash results/gpu/gpu.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PRESET=${PRESET:-paper} PRE_EPOCHS=${PRE_EPOCHS:-60} FT_EPOCHS=${FT_EPOCHS:-15} LR=${LR:-1e-3}
 STEPS=${STEPS:-100} FT_LIMIT=${FT_LIMIT:-240} THREADS=${THREADS:-4} BENCH=${BENCH:-paper cpu}
-R=/tmp/gpu-runs
-rm -rf "$R" && mkdir -p "$R"
+R=$(mktemp -d)  # run folders, checkpoints included; only a tar of their text files goes to $OUT
 if ! python3 -c 'import nibabel' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHL"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$R/site" "$WHL"/*.whl || exit 1
+  export PYTHONPATH=$R/site
 fi
 exec > >(tee "$OUT/gpu.log") 2>&1
 t0=$(date +%s)
@@ -57,6 +56,7 @@ stamp eval
 for run in "$R"/*/L*/seed0; do echo "-- $run"; cat "$run/eval.out"; done
 python3 ideal.py report --runs "$R" --out "$R/table" --title "IDEAL on ACDC ED frames (paper preset model, GPU check)" \
   --made-by "bash results/gpu/gpu.sh" --commit "$(git rev-parse --short HEAD 2>/dev/null)"
-find "$R" \( -name '*.pt' -o -name 'pred' -o -name 'png' \) -prune -o -type f -print | sed "s|^$R/||" \
+find "$R" \( -name '*.pt' -o -name 'pred' -o -name 'png' -o -name site \) -prune -o -type f -print | sed "s|^$R/||" \
   | tar -czf "$OUT/runs.tar.gz" -C "$R" -T -
+rm -rf "$R"
 stamp done

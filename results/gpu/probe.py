@@ -22,13 +22,13 @@ def record(message, category, filename, lineno, file=None, line=None):
     syncs[" < ".join(reversed(stack[-3:]))] += 1
 
 
+if not torch.cuda.is_available():
+    sys.exit("probe.py: needs a CUDA device (torch's sync debug mode exists only there)")
 warnings.showwarning = record
 warnings.simplefilter("always")
-if torch.cuda.is_available():
-    torch.cuda.set_sync_debug_mode("warn")
+torch.cuda.set_sync_debug_mode("warn")
 ideal.main(["bench", "--preset", "paper", "--steps", "2"])
-if torch.cuda.is_available():
-    torch.cuda.set_sync_debug_mode(0)
+torch.cuda.set_sync_debug_mode(0)
 print("host synchronisations during `bench --steps 2` (count, where):")
 for where, count in syncs.most_common():
     print(f"{count:5d}  {where}")
