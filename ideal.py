@@ -61,6 +61,7 @@ PRESETS = {
                  pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=15, finetune_epochs=4),
 }
 ARCH_KEYS = ("depth", "width", "size", "spacing")
+BN_SLICES = 1024                      # at most this many training slices recompute BatchNorm's statistics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1014,6 +1015,46 @@ def validate(model, x_val, m_val, cfg):
     return float(np.mean([metrics.dice(pred == c, gt == c) for c in range(1, int(cfg["num_classes"]))]))
 
 
+@contextlib.contextmanager
+def recomputed_bn(model, x, batch_size, seed):
+    """Inside the block, every BatchNorm of model holds the mean over batches of x (N, 1, H, W) of each batch's
+    statistics (precise BatchNorm, Wu & Johnson 2021), the weights as they are; on exit its running statistics
+    are put back, so training goes on as if nothing happened. The batches are a shuffle of at most BN_SLICES
+    slices drawn by seed; every process draws the same ones, so synchronised BatchNorm agrees."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
+    saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in layers]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:BN_SLICES].to(x.device)
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None                                              # a cumulative mean over the batches
+    model.train()
+    with torch.no_grad(), autocast(x.device):
+        for i in order.split(batch_size):
+            model(x[i])
+    model.train(was_training)
+    try:
+        yield model
+    finally:
+        for m, (momentum, buffers) in zip(layers, saved):
+            m.momentum = momentum
+            for k, v in m.named_buffers():
+                v.copy_(buffers[k])
+
+
+def judge(model, x_v, m_v, x_train, cfg):
+    """(validation Dice, state_dict for best.pt, log fields) of model under --bn-stats: "running", its own running
+    BatchNorm statistics; "recomputed", statistics recomputed on the un-augmented training slices x_train (the
+    Dice with the running ones is logged as val_dice_running)."""
+    if cfg.get("bn_stats", "running") == "running":                     # also a run from before the option
+        return validate(model, x_v, m_v, cfg), model.state_dict(), {}
+    running = validate(model, x_v, m_v, cfg)
+    with recomputed_bn(model, x_train, cfg["batch_size"], cfg["seed"]):
+        val_dice = validate(model, x_v, m_v, cfg)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+    return val_dice, state, {"val_dice_running": round(running, 4)}
+
+
 def finetune_data(cfg, device):
     """(split, classes {num_classes, class_names}, slices): labeled, unlabeled (training volumes outside the
     labeled subset; at L = 100 % all training volumes, labels unused) and validation slices. DataError without a
@@ -1068,6 +1109,8 @@ def finetune(cfg, given=()):
     judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = max([r["val_dice"] for r in log], default=-1.0)
+    x_train = x_l if cfg.get("bn_stats", "running") == "running" or not cfg["unlabeled_batch"] else \
+        torch.cat([x_l, x_u]) if split["unlabeled"] else x_u                  # the training slices the run uses
     step_fn = parallel(model, cfg, device)
     b, bu, steps = cfg["batch_size"], cfg["unlabeled_batch"], cfg["steps_per_epoch"]
     total = cfg["epochs"] * steps
@@ -1089,11 +1132,11 @@ def finetune(cfg, given=()):
                 ema.update_parameters(model)
             progress.update(meter, b if xu is None else b + bu)
         images_per_s = (progress.images - seen) / (time.time() - t0)          # the training steps alone
-        val_dice = validate(judged, x_v, m_v, cfg) if rank() == 0 else 0.0
-        record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4),
+        val_dice, state, fields = judge(judged, x_v, m_v, x_train, cfg)     # every process: --sync-bn
+        record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
                       images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"])
-        files = {"best.pt": {"model": judged.state_dict(), "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
+        files = {"best.pt": {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
             if val_dice > best else {}
         best = max(best, val_dice)
         log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
@@ -1769,6 +1812,9 @@ def add_finetune_loss_options(p):
     p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="confidence below which pseudo-labelled pixels are ignored")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
+    p.add_argument("--bn-stats", default="running", choices=("running", "recomputed"),
+                   help="BatchNorm statistics that validation, best.pt and so evaluation use: the running averages "
+                   "of training, or recomputed before each validation on the un-augmented training slices")
     p.add_argument("--ema", type=number(float, inclusive=True, high=0.9999), default=0.0,
                    help="validate, keep and evaluate an exponential moving average of the weights with this decay "
                         "per step (0: the weights themselves)")

@@ -105,8 +105,9 @@ fi
 
 # The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt"; g*, h*: the 2.5 % screenings,
 # README "Results") pins every flag it tests, so it means the same whatever the defaults are.
-E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant)     # labeled slices only
-F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --warmup 0 --schedule constant)
+E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant --bn-stats running)     # labeled slices only
+F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --warmup 0 --schedule constant
+    --bn-stats running)
 for row in $ROWS; do
   case $row in
     ideal) init=(--pretrained "$(pretrained both)") ;;
@@ -133,6 +134,8 @@ for row in $ROWS; do
     h2-weight2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --unlabeled-weight 2) ;;
     h3-warmup0.2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --warmup 0.2) ;;
     h4-threshold0.95) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.95) ;;
+    h5-bn-recomputed) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed) ;;
+    h6-bn-recomputed-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --bn-stats recomputed) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac

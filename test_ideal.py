@@ -1275,6 +1275,44 @@ def test_same_seed_same_numbers(phantom, pretrained, tmp_path):
         (tmp_path / "again" / "log.jsonl").read_text().split("images_per_s")[0]
 
 
+def test_recomputed_bn_holds_the_mean_of_the_batch_statistics_and_puts_the_running_ones_back():
+    """Inside recomputed_bn the running mean is the mean of the batches' means (the running variance the mean of
+    their unbiased variances); on exit the running statistics and the momentum are what they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3)).eval()
+    bn = model[1]
+    bn.running_mean.fill_(5.0)
+    before = {k: v.clone() for k, v in bn.named_buffers()}
+    x = torch.randn(10, 1, 8, 8) * torch.arange(1, 11).view(10, 1, 1, 1)
+    with ideal.recomputed_bn(model, x, 4, seed=1):
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(1))
+        feats = [model[0](x[i]) for i in order.split(4)]
+        assert torch.allclose(bn.running_mean, torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0), atol=1e-6)
+        assert torch.allclose(bn.running_var, torch.stack([f.var((0, 2, 3)) for f in feats]).mean(0), atol=1e-5)
+        assert not model.training
+    assert bn.momentum == 0.1 and all(torch.equal(v, before[k]) for k, v in bn.named_buffers())
+
+
+def test_recomputed_bn_changes_what_is_judged_and_nothing_that_is_trained(phantom, pretrained, tmp_path):
+    """--bn-stats recomputed: the same training (losses, last.pt) as the default; the validation Dice the default
+    logs is logged as val_dice_running, and best.pt holds other BatchNorm statistics than the run's own."""
+    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
+            "--epochs", "2", "--steps-per-epoch", "3", *TINY]
+    assert ideal.main([*args, "--out", str(tmp_path / "running")]) == 0
+    assert ideal.main([*args, "--out", str(tmp_path / "recomputed"), "--bn-stats", "recomputed"]) == 0
+    logs = [[json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+            for out in ("running", "recomputed")]
+    for a, b in zip(*logs):
+        assert (a["sup"], a["unsup"], a["val_dice"]) == (b["sup"], b["unsup"], b["val_dice_running"])
+    a, b = weights(tmp_path / "running" / "last.pt"), weights(tmp_path / "recomputed" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ideal.main([*args, "--out", str(tmp_path / "one"), "--bn-stats", "recomputed", "--epochs", "1"]) == 0
+    best, last = weights(tmp_path / "one" / "best.pt"), weights(tmp_path / "one" / "last.pt")
+    stats = [k for k in best if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(best[k], last[k]) for k in best if k not in stats and "num_batches" not in k)
+    assert all(not torch.equal(best[k], last[k]) for k in stats)
+
+
 def test_ema_is_validated_kept_and_resumed(phantom, pretrained, tmp_path, monkeypatch):
     """--ema: best.pt holds the moving average of the weights and BatchNorm statistics, not the weights, and a run
     killed in epoch 2 and resumed ends with the same weights and average as a run straight through."""
