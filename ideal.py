@@ -1522,6 +1522,7 @@ def collect(runs, rows=None):
             if not is_summary(record):
                 raise data.DataError(f"{path}: not an eval summary (no mean {', '.join(m for m, _ in METRICS)})")
             record["validation"] = validation_curve(os.path.dirname(os.path.dirname(path)))
+            record["seed"] = path.split(os.sep)[-3].removeprefix("seed")
             table.setdefault(row, {}).setdefault(frac[1:], []).append(record)
     order = rows or list(ROW_NAMES)
     return {row: dict(sorted(table[row].items(), key=lambda kv: float(kv[0])))
@@ -1544,12 +1545,17 @@ def read_json(path):
 
 
 def validation_curve(run):
-    """Best validation Dice of a fine-tuning run and its spread (max - min) over the last 10 epochs."""
+    """The validation Dice of a fine-tuning run: its best, its spread (max - min) and its mean over the last 10
+    epochs; with --bn-stats recomputed the same of the Dice with the running statistics, as running_*."""
     path = os.path.join(run, "log.jsonl")
     try:
         with open(path) as f:
-            dice = [json.loads(line)["val_dice"] for line in f if line.strip()]
-        return {"best": max(dice), "spread": max(dice[-10:]) - min(dice[-10:])}
+            log = [json.loads(line) for line in f if line.strip()]
+        curves = {"": [r["val_dice"] for r in log]}
+        if all("val_dice_running" in r for r in log):
+            curves["running_"] = [r["val_dice_running"] for r in log]
+        return {f"{name}{k}": v for name, dice in curves.items() for k, v in (
+            ("best", max(dice)), ("spread", max(dice[-10:]) - min(dice[-10:])), ("last10", float(np.mean(dice[-10:]))))}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise data.DataError(f"{path}: not a fine-tuning log ({' '.join(str(e).split())[:160]})") from None
 
@@ -1588,7 +1594,9 @@ def report(cfg):
                 texts.append(" / ".join(map(str, paper[frac])) if row == "ideal" and frac in paper else "")
             lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(texts) + " |")
             results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
-                                **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()}))
+                                **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()},
+                                per_run=[dict(seed=r["seed"], dsc=r["mean"]["dsc"]["mean"], validation=r["validation"])
+                                         for r in runs]))
     text = "\n".join(lines) + "\n"
     make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
     write_atomic(f"{cfg['out']}.md", lambda tmp: Path(tmp).write_text(text))

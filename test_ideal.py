@@ -1363,7 +1363,21 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
     row = table["results"][0]
     assert row["row"] == "ideal" and row["labeled_percent"] == 20.0
     assert row["dsc"]["mean"] == pytest.approx(summary["mean"]["dsc"]["mean"])
+    assert row["per_run"] == [dict(seed="0", dsc=summary["mean"]["dsc"]["mean"], validation=dict(
+        best=max(r["val_dice"] for r in log), spread=abs(log[0]["val_dice"] - log[1]["val_dice"]),
+        last10=pytest.approx((log[0]["val_dice"] + log[1]["val_dice"]) / 2)))]
     assert "| IDEAL" in (tmp_path / "table.md").read_text() and "| 20 |" in stdout
+
+
+def test_validation_curve_of_a_log_with_and_without_the_running_statistics(tmp_path):
+    dice, running = [0.1 * k for k in range(12)], [0.5] * 11 + [0.2]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"val_dice": d, "val_dice_running": r}) + "\n"
+                                                for d, r in zip(dice, running)))
+    curve = ideal.validation_curve(tmp_path)
+    assert curve == pytest.approx(dict(best=1.1, spread=0.9, last10=0.65, running_best=0.5, running_spread=0.3,
+                                       running_last10=0.47))
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"val_dice": d}) + "\n" for d in dice))
+    assert set(ideal.validation_curve(tmp_path)) == {"best", "spread", "last10"}
 
 
 def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
