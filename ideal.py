@@ -1820,9 +1820,9 @@ def add_finetune_loss_options(p):
     p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="confidence below which pseudo-labelled pixels are ignored")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
-    p.add_argument("--bn-stats", default="running", choices=("running", "recomputed"),
-                   help="BatchNorm statistics that validation, best.pt and so evaluation use: the running averages "
-                   "of training, or recomputed before each validation on the un-augmented training slices")
+    p.add_argument("--bn-stats", default="recomputed", choices=("running", "recomputed"),
+                   help="BatchNorm statistics that validation, best.pt and so evaluation use: recomputed before each "
+                   "validation on the un-augmented training slices, or the running averages of training")
     p.add_argument("--ema", type=number(float, inclusive=True, high=0.9999), default=0.0,
                    help="validate, keep and evaluate an exponential moving average of the weights with this decay "
                         "per step (0: the weights themselves)")

@@ -116,15 +116,16 @@ for row in $ROWS; do
     global | local) init=(--pretrained "$(pretrained "$row")") ;;
     same-decoders) init=(--pretrained "$(pretrained both)" --same-decoders) ;;
     e0-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}") ;;
-    e1-joint-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward joint --schedule constant) ;;
+    e1-joint-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward joint --schedule constant
+                       --bn-stats running) ;;
     e2-separate-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
-                          --schedule constant) ;;
+                          --schedule constant --bn-stats running) ;;
     e3-separate-w0-poly) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
-                               --schedule poly) ;;
+                               --schedule poly --bn-stats running) ;;
     f1-separate-w0.1) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
-                            --pseudo same --threshold 0 --warmup 0 --schedule constant) ;;
+                            --pseudo same --threshold 0 --warmup 0 --schedule constant --bn-stats running) ;;
     f2-weak) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
-                   --pseudo weak --threshold 0 --warmup 0 --schedule constant) ;;
+                   --pseudo weak --threshold 0 --warmup 0 --schedule constant --bn-stats running) ;;
     f4-weak-t0.9-w1) init=(--pretrained "$(pretrained both)" "${F4[@]}") ;;
     g1-ema0.99) init=(--pretrained "$(pretrained both)" "${F4[@]}" --ema 0.99) ;;
     g2-ema0.99-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --ema 0.99) ;;

@@ -1294,19 +1294,20 @@ def test_recomputed_bn_holds_the_mean_of_the_batch_statistics_and_puts_the_runni
 
 
 def test_recomputed_bn_changes_what_is_judged_and_nothing_that_is_trained(phantom, pretrained, tmp_path):
-    """--bn-stats recomputed: the same training (losses, last.pt) as the default; the validation Dice the default
-    logs is logged as val_dice_running, and best.pt holds other BatchNorm statistics than the run's own."""
+    """--bn-stats recomputed (the default): the same training (losses, last.pt) as --bn-stats running; the
+    validation Dice that one logs is logged as val_dice_running, and best.pt holds other BatchNorm statistics than
+    the run's own."""
     args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
             "--epochs", "2", "--steps-per-epoch", "3", *TINY]
-    assert ideal.main([*args, "--out", str(tmp_path / "running")]) == 0
-    assert ideal.main([*args, "--out", str(tmp_path / "recomputed"), "--bn-stats", "recomputed"]) == 0
+    assert ideal.main([*args, "--out", str(tmp_path / "running"), "--bn-stats", "running"]) == 0
+    assert ideal.main([*args, "--out", str(tmp_path / "recomputed")]) == 0
     logs = [[json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
             for out in ("running", "recomputed")]
     for a, b in zip(*logs):
         assert (a["sup"], a["unsup"], a["val_dice"]) == (b["sup"], b["unsup"], b["val_dice_running"])
     a, b = weights(tmp_path / "running" / "last.pt"), weights(tmp_path / "recomputed" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert ideal.main([*args, "--out", str(tmp_path / "one"), "--bn-stats", "recomputed", "--epochs", "1"]) == 0
+    assert ideal.main([*args, "--out", str(tmp_path / "one"), "--epochs", "1"]) == 0
     best, last = weights(tmp_path / "one" / "best.pt"), weights(tmp_path / "one" / "last.pt")
     stats = [k for k in best if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(best[k], last[k]) for k in best if k not in stats and "num_batches" not in k)
@@ -1317,7 +1318,7 @@ def test_ema_is_validated_kept_and_resumed(phantom, pretrained, tmp_path, monkey
     """--ema: best.pt holds the moving average of the weights and BatchNorm statistics, not the weights, and a run
     killed in epoch 2 and resumed ends with the same weights and average as a run straight through."""
     args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
-            "--epochs", "2", "--steps-per-epoch", "3", "--ema", "0.5", *TINY]
+            "--epochs", "2", "--steps-per-epoch", "3", "--ema", "0.5", "--bn-stats", "running", *TINY]
     assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
     kill_at_save(monkeypatch, 3)                                    # epoch 1 wrote best.pt and last.pt
     with pytest.raises(Killed):
@@ -1363,9 +1364,14 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
     row = table["results"][0]
     assert row["row"] == "ideal" and row["labeled_percent"] == 20.0
     assert row["dsc"]["mean"] == pytest.approx(summary["mean"]["dsc"]["mean"])
-    assert row["per_run"] == [dict(seed="0", dsc=summary["mean"]["dsc"]["mean"], validation=dict(
+    (run,) = row["per_run"]
+    assert run["seed"] == "0" and run["dsc"] == summary["mean"]["dsc"]["mean"]
+    assert run["validation"] == dict(
         best=max(r["val_dice"] for r in log), spread=abs(log[0]["val_dice"] - log[1]["val_dice"]),
-        last10=pytest.approx((log[0]["val_dice"] + log[1]["val_dice"]) / 2)))]
+        last10=pytest.approx((log[0]["val_dice"] + log[1]["val_dice"]) / 2),
+        running_best=max(r["val_dice_running"] for r in log), running_spread=pytest.approx(abs(
+            log[0]["val_dice_running"] - log[1]["val_dice_running"])),
+        running_last10=pytest.approx((log[0]["val_dice_running"] + log[1]["val_dice_running"]) / 2))
     assert "| IDEAL" in (tmp_path / "table.md").read_text() and "| 20 |" in stdout
 
 
