@@ -61,7 +61,6 @@ PRESETS = {
                  pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=15, finetune_epochs=4),
 }
 ARCH_KEYS = ("depth", "width", "size", "spacing")
-BN_SLICES = 1024                      # at most this many training slices recompute BatchNorm's statistics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1016,14 +1015,14 @@ def validate(model, x_val, m_val, cfg):
 
 
 @contextlib.contextmanager
-def recomputed_bn(model, x, batch_size, seed):
+def recomputed_bn(model, x, batch_size, seed, limit):
     """Inside the block, every BatchNorm of model holds the mean over batches of x (N, 1, H, W) of each batch's
     statistics (precise BatchNorm, Wu & Johnson 2021), the weights as they are; on exit its running statistics
-    are put back, so training goes on as if nothing happened. The batches are a shuffle of at most BN_SLICES
-    slices drawn by seed; every process draws the same ones, so synchronised BatchNorm agrees."""
+    are put back, so training goes on as if nothing happened. The batches are a shuffle of at most `limit` slices
+    drawn by seed; every process draws the same ones, so synchronised BatchNorm agrees."""
     layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
     saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in layers]
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:BN_SLICES].to(x.device)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit].to(x.device)
     was_training = model.training
     for m in layers:
         m.reset_running_stats()
@@ -1045,11 +1044,13 @@ def recomputed_bn(model, x, batch_size, seed):
 def judge(model, x_v, m_v, x_train, cfg):
     """(validation Dice, state_dict for best.pt, log fields) of model under --bn-stats: "running", its own running
     BatchNorm statistics; "recomputed", statistics recomputed on the un-augmented training slices x_train (the
-    Dice with the running ones is logged as val_dice_running)."""
+    Dice with the running ones is logged as val_dice_running), from at most as many slices as an epoch's labeled
+    batches hold, so that recomputing costs a fraction of the epoch."""
     if cfg.get("bn_stats", "running") == "running":                     # also a run from before the option
         return validate(model, x_v, m_v, cfg), model.state_dict(), {}
     running = validate(model, x_v, m_v, cfg)
-    with recomputed_bn(model, x_train, cfg["batch_size"], cfg["seed"]):
+    b = cfg["batch_size"]
+    with recomputed_bn(model, x_train, b, cfg["seed"], limit=cfg["steps_per_epoch"] * b):
         val_dice = validate(model, x_v, m_v, cfg)
         state = {k: v.clone() for k, v in model.state_dict().items()}
     return val_dice, state, {"val_dice_running": round(running, 4)}
