@@ -1024,15 +1024,15 @@ def recomputed_bn(model, x, batch_size, seed, limit):
     saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in layers]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit].to(x.device)
     was_training = model.training
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None                                              # a cumulative mean over the batches
-    model.train()
-    with torch.no_grad(), autocast(x.device):
-        for i in order.split(batch_size):
-            model(x[i])
-    model.train(was_training)
     try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None                                          # a cumulative mean over the batches
+        model.train()
+        with torch.no_grad(), autocast(x.device):
+            for i in order.split(batch_size):
+                model(x[i])
+        model.train(was_training)
         yield model
     finally:
         for m, (momentum, buffers) in zip(layers, saved):
@@ -1546,19 +1546,24 @@ def read_json(path):
 
 
 def validation_curve(run):
-    """The validation Dice of a fine-tuning run: its best, its spread (max - min) and its mean over the last 10
-    epochs; with --bn-stats recomputed the same of the Dice with the running statistics, as running_*."""
+    """The validation Dice of a fine-tuning run as curve_figures; with --bn-stats recomputed also those of the Dice
+    with the running statistics, as running_*."""
     path = os.path.join(run, "log.jsonl")
     try:
         with open(path) as f:
             log = [json.loads(line) for line in f if line.strip()]
-        curves = {"": [r["val_dice"] for r in log]}
+        curve = curve_figures([r["val_dice"] for r in log])
         if all("val_dice_running" in r for r in log):
-            curves["running_"] = [r["val_dice_running"] for r in log]
-        return {f"{name}{k}": v for name, dice in curves.items() for k, v in (
-            ("best", max(dice)), ("spread", max(dice[-10:]) - min(dice[-10:])), ("last10", float(np.mean(dice[-10:]))))}
+            curve.update({f"running_{k}": v for k, v in curve_figures([r["val_dice_running"] for r in log]).items()})
+        return curve
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise data.DataError(f"{path}: not a fine-tuning log ({' '.join(str(e).split())[:160]})") from None
+
+
+def curve_figures(dice):
+    """Best, spread (max - min) over the last 10 epochs and mean over the last 10 epochs of a validation curve."""
+    last = dice[-10:]
+    return {"best": max(dice), "spread": max(last) - min(last), "last10": float(np.mean(last))}
 
 
 def cell(values):
