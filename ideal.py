@@ -1042,18 +1042,29 @@ def recomputed_bn(model, x, batch_size, seed, limit):
 
 
 def judge(model, x_v, m_v, x_train, cfg):
-    """(validation Dice, state_dict for best.pt, log fields) of model under --bn-stats: "running", its own running
-    BatchNorm statistics; "recomputed", statistics recomputed on the un-augmented training slices x_train (the
-    Dice with the running ones is logged as val_dice_running), from at most as many slices as an epoch's labeled
-    batches hold, so that recomputing costs a fraction of the epoch."""
-    if cfg.get("bn_stats", "running") == "running":                     # also a run from before the option
+    """(validation Dice, state_dict for best.pt, log fields) of model: with x_train None (--bn-stats running) under
+    its own running BatchNorm statistics; else under statistics recomputed on the un-augmented training slices
+    x_train (the Dice with the running ones is logged as val_dice_running), from at most as many slices as an
+    epoch's labeled batches hold, so that recomputing costs a fraction of the epoch."""
+    if x_train is None:
         return validate(model, x_v, m_v, cfg), model.state_dict(), {}
     running = validate(model, x_v, m_v, cfg)
     b = cfg["batch_size"]
     with recomputed_bn(model, x_train, b, cfg["seed"], limit=cfg["steps_per_epoch"] * b):
         val_dice = validate(model, x_v, m_v, cfg)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+        buffers = dict(model.named_buffers())                       # the only entries put back on exit
+        state = {k: v.clone() if k in buffers else v for k, v in model.state_dict().items()}
     return val_dice, state, {"val_dice_running": round(running, 4)}
+
+
+def bn_slices(cfg, split, x_l, x_u):
+    """The un-augmented training slices that --bn-stats recomputed takes BatchNorm's statistics from: the labeled
+    ones and, when the run uses them, the unlabeled ones; None for --bn-stats running (and a run from before it)."""
+    if cfg.get("bn_stats", "running") == "running":
+        return None
+    if not cfg["unlabeled_batch"]:
+        return x_l
+    return torch.cat([x_l, x_u]) if split["unlabeled"] else x_u      # at L = 100 % x_u holds every training slice
 
 
 def finetune_data(cfg, device):
@@ -1110,8 +1121,7 @@ def finetune(cfg, given=()):
     judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = max([r["val_dice"] for r in log], default=-1.0)
-    x_train = x_l if cfg.get("bn_stats", "running") == "running" or not cfg["unlabeled_batch"] else \
-        torch.cat([x_l, x_u]) if split["unlabeled"] else x_u                  # the training slices the run uses
+    x_train = bn_slices(cfg, split, x_l, x_u)
     step_fn = parallel(model, cfg, device)
     b, bu, steps = cfg["batch_size"], cfg["unlabeled_batch"], cfg["steps_per_epoch"]
     total = cfg["epochs"] * steps
