@@ -45,7 +45,7 @@ for row in ideal pretrained-supervised; do
 done
 wait "${pids[@]}"  # not a bare wait: since bash 5.1 that also waits for the tee above
 stamp finetune
-for f in "$R"/*.out; do echo "-- $f"; tail -n 4 "$f"; done
+for f in "$R"/*.out; do echo "-- runs/${f#"$R"/}"; tail -n 4 "$f"; done
 pids=()
 for run in "$R"/*/L*/seed0; do
   timeout 120 python3 ideal.py eval --run "$run" --threads "$THREADS" --quiet > "$run/eval.out" 2>&1 &
@@ -53,7 +53,7 @@ for run in "$R"/*/L*/seed0; do
 done
 wait "${pids[@]}"
 stamp eval
-for run in "$R"/*/L*/seed0; do echo "-- $run"; cat "$run/eval.out"; done
+for run in "$R"/*/L*/seed0; do echo "-- runs/${run#"$R"/}"; cat "$run/eval.out"; done
 python3 ideal.py report --runs "$R" --out "$R/table" --title "IDEAL on ACDC ED frames (paper preset model, GPU check)" \
   --made-by "bash results/gpu/gpu.sh" --commit "$(git rev-parse --short HEAD 2>/dev/null)"
 find "$R" \( -name '*.pt' -o -name 'pred' -o -name 'png' -o -name site \) -prune -o -type f -print | sed "s|^$R/||" \
