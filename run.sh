@@ -18,12 +18,14 @@
 #   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run;
 #              only: the benches alone, e.g. PRESET=cpu BENCH=only bash run.sh)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
+#   JOBS       fine-tunings run side by side, each logging to <run folder>.log (default: 1; e.g. 2 with
+#              OMP_NUM_THREADS=1 on 2 cores, or a dozen sharing one GPU)
 #   PRETRAIN_FLAGS, FINETUNE_FLAGS  extra flags for every pretrain / finetune call (e.g. --epochs 50)
 # Re-running skips every finished training and evaluation (a run folder with done.json, an eval with summary.json;
 # the tables and the quick ED+ES scoring are made again) and resumes a run folder that has last.pt but no done.json,
 # so an interrupted protocol continues where it stopped.
-# Two runs side by side on one machine: give each half the cores, e.g. OMP_NUM_THREADS=1 bash run.sh on 2 cores
-# (two jobs that each take every core slow each other down 10-15x).
+# Two runs side by side on one machine: give each half the cores, e.g. JOBS=2 OMP_NUM_THREADS=1 bash run.sh on 2
+# cores (two jobs that each take every core slow each other down 10-15x).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")"
@@ -32,6 +34,8 @@ DATASET=${DATASET:-acdc}
 PRESET_GIVEN=${PRESET:-}
 PRESET=${PRESET:-$($PY -c 'import torch; print("paper" if torch.cuda.is_available() else "cpu")')}
 SEEDS=${SEEDS:-1}
+JOBS=${JOBS:-1}
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: error: JOBS must be a positive integer, got '$JOBS'" >&2; exit 2; }
 DATA_FLAGS=()
 if [ -n "${DATA:-}" ]; then
   DATA_FLAGS=(--data "$DATA")
@@ -57,6 +61,19 @@ START=$(date +%s)
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 say() { echo "+ $*" >&2; "$@"; }
+
+# Up to JOBS fine-tunings at once: wait for one to end before starting the next; a failed one stops the protocol.
+running=0
+settle() {  # N: wait until at most N jobs run
+  while ((running > $1)); do
+    if ! wait -n; then
+      echo "run.sh: error: a fine-tuning failed; its log is <run folder>.log under $OUT" >&2
+      kill $(jobs -p) 2>/dev/null
+      exit 1
+    fi
+    running=$((running - 1))
+  done
+}
 
 # train KIND FOLDER FLAGS...: pretrain/finetune into FOLDER unless finished; resume a started one (the same
 # flags, so that architecture overrides match the checkpoint; the stored configuration wins for the rest).
@@ -108,6 +125,13 @@ fi
 E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant --bn-stats running)     # labeled slices only
 F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --warmup 0 --schedule constant
     --bn-stats running)
+cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test split
+  local dir=$1
+  shift
+  train finetune "$dir" "$@"
+  [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --save-png
+}
+
 for row in $ROWS; do
   case $row in
     ideal) init=(--pretrained "$(pretrained both)") ;;
@@ -146,11 +170,19 @@ for row in $ROWS; do
     fi
     for ((seed = 0; seed < SEEDS; seed++)); do
       dir=$OUT/$row/L$frac/seed$seed
-      train finetune "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}"
-      [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --save-png
+      if [ "$JOBS" = 1 ]; then
+        cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}"
+        continue
+      fi
+      settle $((JOBS - 1))
+      mkdir -p "$(dirname "$dir")"
+      echo "+ $dir (log: $dir.log)" >&2
+      cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}" > "$dir.log" 2>&1 &
+      running=$((running + 1))
     done
   done
 done
+settle 0
 
 mkdir -p results
 made_by="${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS'${TABLE:+ TABLE=$TABLE}"
@@ -166,8 +198,8 @@ PASTE=("results/$NAME.md")
 unseen=$OUT/ideal/L${FRACTIONS##* }/seed0
 if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$unseen/done.json" ] && [ -z "${TABLE:-}" ]; then
   { echo "# $unseen on the ED and ES frames of the 20 test patients (never seen in training)"; echo
-    echo "Made by \`python ideal.py eval --run $unseen --frames both --quiet\` (run.sh) at commit $COMMIT."
-    echo; echo '```'; say "$PY" ideal.py eval --run "$unseen" --frames both --quiet; echo '```'
+    echo "Made by \`python ideal.py eval --run $unseen --data $DATA --frames both --quiet\` (run.sh) at commit $COMMIT."
+    echo; echo '```'; say "$PY" ideal.py eval --run "$unseen" "${DATA_FLAGS[@]}" --frames both --quiet; echo '```'
   } > "results/$NAME-unseen.md"
   PASTE+=("results/$NAME-unseen.md")
 fi

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check of issues 9 and 11, one prepared script for a lent GPU (raw output: results/gpu/<card>/).
+# The GPU checks of issues 9 and 11, prepared scripts for a lent GPU (raw output: results/gpu/<card>/).
+# TASK=check (default):
 #   1. `ideal.py bench` at the paper preset and at the cpu preset (step / bare-model throughput ratios).
 #   2. The paper preset's model (ResNet-50, 192 px, batch 32) on real ACDC ED frames: pre-training, then the
 #      fixed fine-tuning default (row ideal) and its control without unlabeled slices (row pretrained-supervised)
 #      at L = 1.25 % and 10 %, the four fine-tunings side by side on the one GPU, then eval on the 20 test patients.
-# The learning rate is 1e-3 for both stages instead of the paper's 1e-5, which learns little in the minutes a lent
-# GPU gives (an earlier H200 check: DSC 0.21 after 1000 steps at 1e-5); every other setting is the default.
+#   The learning rate is 1e-3 for both stages instead of the paper's 1e-5, which learns little in the minutes a lent
+#   GPU gives (an earlier H200 check: DSC 0.21 after 1000 steps at 1e-5); every other setting is the default.
+# TASK=table: the cpu preset's ACDC table of issue 9 (rows ideal, pretrained-supervised, supervised at L = 1.25, 10,
+#   2.5 %, seeds 0-2), made by run.sh with JOBS fine-tunings sharing the GPU, from the encoder in
+#   $RUNS/pretrain-both (carried: the one pre-trained on the CPU). After LIMIT seconds the unfinished runs are
+#   stopped. $OUT/runs.tar.gz keeps the run folders' text files and ideal/L10/seed0/best.pt, which run.sh at home
+#   collects into results/acdc-cpu.md and scores on the ED and ES frames.
 # Needs DATA (an ACDC folder; ED frames suffice), WHL (a folder with the nibabel wheel, if nibabel is missing) and
-# OUT. Local dry run of the plumbing: PRESET=demo BENCH=demo BENCH_STEPS=5 PRE_EPOCHS=1 FT_EPOCHS=1 STEPS=2
-# DATA=.gpu/acdc-ed OUT=$(mktemp -d) bash results/gpu/gpu.sh
+# OUT. Local dry runs of the plumbing: PRESET=demo BENCH=demo BENCH_STEPS=5 PRE_EPOCHS=1 FT_EPOCHS=1 STEPS=2
+# DATA=.device/acdc-ed OUT=$(mktemp -d) bash results/gpu/gpu.sh, and TASK=table JOBS=3 SEEDS=1
+# FINETUNE_FLAGS='--epochs 1 --steps-per-epoch 2' RUNS=<a copy of pretrain-both's parent> with the same DATA and OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PRESET=${PRESET:-paper} PRE_EPOCHS=${PRE_EPOCHS:-60} FT_EPOCHS=${FT_EPOCHS:-15} LR=${LR:-1e-3}
@@ -25,6 +32,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, numpy, nibabel; print("torch", torch.__version__, "numpy", numpy.__version__,
   "nibabel", nibabel.__version__, "cuda", torch.cuda.is_available())'
 git log -1 --format='commit %h %s' 2>/dev/null
+if [ "${TASK:-check}" = table ]; then
+  RUNS=${RUNS:-runs/acdc-cpu-h100}
+  OMP_NUM_THREADS=1 timeout "${LIMIT:-420}" env DATA="$DATA" PRESET=cpu SEEDS="${SEEDS:-3}" BENCH=0 TABLE=h100 \
+    ROWS="ideal pretrained-supervised supervised" FRACTIONS="1.25 10 2.5" JOBS="${JOBS:-14}" OUT="$RUNS" bash run.sh
+  stamp "run.sh (exit $?)"
+  pkill -f "ideal.py (finetune|eval) --(out|run) $RUNS/" && sleep 3  # the runs a timeout left behind
+  for f in "$RUNS"/*/L*/seed*.log; do echo "-- $f"; tail -n 2 "$f"; done
+  find "$RUNS" \( -name png -o -name '*.pt' ! -path '*/ideal/L10/seed0/best.pt' \) -prune -o -type f -print \
+    | tar -czf "$OUT/runs.tar.gz" -T -
+  stamp done
+  exit 0
+fi
 for p in $BENCH; do
   timeout 120 python3 ideal.py bench --preset "$p" ${BENCH_STEPS:+--steps $BENCH_STEPS}
   stamp "bench $p"
