@@ -8,10 +8,12 @@
 #   The learning rate is 1e-3 for both stages instead of the paper's 1e-5, which learns little in the minutes a lent
 #   GPU gives (an earlier H200 check: DSC 0.21 after 1000 steps at 1e-5); every other setting is the default.
 # TASK=table: the cpu preset's ACDC table of issue 9 (rows ideal, pretrained-supervised, supervised at L = 1.25, 10,
-#   2.5 %, seeds 0-2), made by run.sh with JOBS fine-tunings sharing the GPU, from the encoder in
-#   $RUNS/pretrain-both (carried: the one pre-trained on the CPU). After LIMIT seconds the unfinished runs are
-#   stopped. $OUT/runs.tar.gz keeps the run folders' text files and ideal/L10/seed0/best.pt, which run.sh at home
-#   collects into results/acdc-cpu.md and scores on the ED and ES frames.
+#   2.5 %, seeds 0-2; ROWS and FRACTIONS choose a part), made by run.sh with JOBS fine-tunings sharing the GPU, from
+#   the encoder in $RUNS/pretrain-both (carried: the one pre-trained on the CPU). After LIMIT seconds the unfinished
+#   runs are stopped. On an H100 with 14 side by side all 27 runs take longer than one call may run (h100.md): the
+#   nine ideal runs reached epoch 27-28 of 30 in 470 s, so give them a call of their own. $OUT/runs.tar.gz keeps
+#   the run folders' text files and ideal/L10/seed0/best.pt, which run.sh at home collects into
+#   results/acdc-cpu.md and scores on the ED and ES frames.
 # Needs DATA (an ACDC folder; ED frames suffice), WHL (a folder with the nibabel wheel, if nibabel is missing) and
 # OUT. Local dry runs of the plumbing: PRESET=demo BENCH=demo BENCH_STEPS=5 PRE_EPOCHS=1 FT_EPOCHS=1 STEPS=2
 # DATA=.device/acdc-ed OUT=$(mktemp -d) bash results/gpu/gpu.sh, and TASK=table JOBS=3 SEEDS=1
@@ -35,7 +37,8 @@ git log -1 --format='commit %h %s' 2>/dev/null
 if [ "${TASK:-check}" = table ]; then
   RUNS=${RUNS:-runs/acdc-cpu-h100}
   OMP_NUM_THREADS=1 timeout "${LIMIT:-420}" env DATA="$DATA" PRESET=cpu SEEDS="${SEEDS:-3}" BENCH=0 TABLE=h100 \
-    ROWS="ideal pretrained-supervised supervised" FRACTIONS="1.25 10 2.5" JOBS="${JOBS:-14}" OUT="$RUNS" bash run.sh
+    ROWS="${ROWS:-ideal pretrained-supervised supervised}" FRACTIONS="${FRACTIONS:-1.25 10 2.5}" \
+    JOBS="${JOBS:-14}" OUT="$RUNS" bash run.sh
   stamp "run.sh (exit $?)"
   pkill -f "ideal.py (finetune|eval) --(out|run) $RUNS/" && sleep 3  # the runs a timeout left behind
   for f in "$RUNS"/*/L*/seed*.log; do echo "-- $f"; tail -n 2 "$f"; done
