@@ -1412,6 +1412,51 @@ def test_bench_alternates_the_training_step_and_the_bare_model():
     assert full > 0 and bare > 0 and ratio > 0
 
 
+def run_sh(tmp_path, **env):
+    """run.sh on a copy of the project in tmp_path (its results/ and README stay untouched), supervised rows of
+    the tiny model; returns (returncode, stdout, stderr)."""
+    for name in ("run.sh", "ideal.py", "data.py", "metrics.py"):
+        shutil.copy(HERE / name, tmp_path / name)
+    flags = " ".join(TINY + ["--epochs", "1", "--steps-per-epoch", "2"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRESET": "demo", "ROWS": "supervised", "FRACTIONS": "20",
+           "BENCH": "0", "FINETUNE_FLAGS": flags, **env}
+    p = subprocess.run(["bash", str(tmp_path / "run.sh")], capture_output=True, text=True, env=env, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_run_sh_jobs_side_by_side_give_the_sequential_numbers(phantom, tmp_path):
+    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", JOBS="2", OUT=str(tmp_path / "par"))
+    assert rc == 0, err
+    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", OUT=str(tmp_path / "seq"))
+    assert rc == 0, err
+    for seed in ("seed0", "seed1"):
+        par, seq = (tmp_path / kind / "supervised" / "L20" / seed for kind in ("par", "seq"))
+        assert "ideal.py finetune --out" in (par.parent / f"{seed}.log").read_text()
+        assert not (seq.parent / f"{seed}.log").exists()
+        curves = [[{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+                   for line in (run / "log.jsonl").read_text().splitlines()] for run in (par, seq)]
+        assert curves[0] == curves[1]
+        scores = [json.loads((run / "eval-test" / "summary.json").read_text())["mean"] for run in (par, seq)]
+        assert scores[0] == scores[1]
+    table = json.loads((tmp_path / "results" / "acdc-demo.json").read_text())
+    assert [len(row["per_run"]) for row in table["results"]] == [2]
+
+
+def test_run_sh_stops_when_a_job_fails(phantom, tmp_path):
+    rc, _, err = run_sh(tmp_path, DATA=str(phantom / "nowhere"), SEEDS="2", JOBS="2", OUT=str(tmp_path / "runs"))
+    assert rc == 1 and "run.sh: error: a fine-tuning failed" in err
+    assert "nowhere" in (tmp_path / "runs" / "supervised" / "L20" / "seed0.log").read_text()
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("env, words", [(dict(JOBS="0"), ["JOBS", "'0'"]), (dict(JOBS="two"), ["JOBS", "'two'"]),
+                                        (dict(ROWS="best"), ["row", "'best'"]), (dict(DATASET="mnist"), ["DATASET"])])
+def test_run_sh_bad_settings_exit_2(env, words, phantom, tmp_path):
+    rc, _, err = run_sh(tmp_path, DATA=str(phantom), OUT=str(tmp_path / "runs"), **env)
+    assert_one_error_line((rc, "", err), *words)
+    assert not (tmp_path / "runs").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit 2, nothing overwritten
 # ----------------------------------------------------------------------------------------------------------
