@@ -410,13 +410,44 @@ IGNORE = -1                                          # pseudo-label of a pixel l
 
 
 @torch.no_grad()
-def pseudo_label(logits, threshold=0.0):
+def pseudo_label(logits, threshold=0.0, align=None):
     """y = one-hot argmax of softmax(logits) as class indices (B, H, W), detached: no gradient flows into it.
 
     threshold: pixels whose top probability is below it get IGNORE (default: 0.0, every pixel is kept).
+    align: a DistributionAlignment applied to the probabilities first (None: the softmax itself).
     """
-    confidence, y = logits.detach().float().softmax(1).max(1)
+    p = logits.detach().float().softmax(1)                                  # (B, C, H, W)
+    confidence, y = (p if align is None else align(p)).max(1)
     return y.masked_fill(confidence < threshold, IGNORE)
+
+
+class DistributionAlignment(nn.Module):
+    """Distribution alignment of the pseudo-labels (Berthelot et al., ReMixMatch, ICLR 2020): probabilities are
+    multiplied by prior / mean and renormalised, where prior (C,) is the class distribution of the labeled slices'
+    pixels and mean (C,) a running average (momentum per step) of the predicted class distribution on unlabeled
+    batches, so that the argmax keeps the labeled class proportions instead of drifting towards background."""
+
+    def __init__(self, prior, momentum=0.99):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("prior", prior.float())                           # (C,)
+        self.register_buffer("mean", prior.float().clone())                    # (C,)
+
+    def forward(self, p):                            # p: (B, C, H, W) probabilities
+        q = p * (self.prior / self.mean).view(1, -1, 1, 1)
+        return q / q.sum(1, keepdim=True)
+
+    @torch.no_grad()
+    def update(self, *logits):                       # each (B, C, H, W): the predictions that make pseudo-labels
+        batch = torch.stack([x.float().softmax(1).mean((0, 2, 3)) for x in logits]).mean(0)
+        self.mean.lerp_(gather(batch[None]).mean(0), 1 - self.momentum)       # the same on every rank
+
+
+def class_prior(masks, num_classes):
+    """Fraction of the pixels of masks (N, H, W) in each class (C,), at least 1e-4 so that no ratio divides by 0."""
+    counts = torch.bincount(masks.flatten(), minlength=num_classes).float()
+    prior = (counts / counts.sum()).clamp_min(1e-4)
+    return prior / prior.sum()
 
 
 def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_unl, y1, y2, weight=1.0):
@@ -942,13 +973,14 @@ def load_encoder(encoder, state, path):
     load_state(encoder, state, path)
 
 
-def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0):
+def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0, align=None):
     """One step of Eq. 3 on a labeled batch (xl, ml) and an unlabeled batch xu (None: supervised only).
 
     forward: "joint", one pass over cat(xl, xu), so BatchNorm normalises both with the statistics of the mix;
     "separate", one pass each, so the labeled loss sees labeled statistics only.
     xw: a weak view of xu with the same geometry that makes the pseudo-labels (None: xu's own predictions).
     threshold: confidence below which a pseudo-labelled pixel is ignored.
+    align: a DistributionAlignment of the pseudo-labels, updated with this step's predictions (None: none).
     Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground}.
     """
     b = xl.shape[0]
@@ -960,8 +992,8 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
             (lab1, unl1), (lab2, unl2) = out1.split([b, len(xu)]), out2.split([b, len(xu)])
         else:
             (lab1, lab2), (unl1, unl2) = model(xl, xu)
-        y1, y2 = weak_pseudo_labels(model, xw, threshold) if xw is not None else (
-            (pseudo_label(unl1, threshold), pseudo_label(unl2, threshold)) if unl1 is not None else (None, None))
+        y1, y2 = weak_pseudo_labels(model, xw, threshold, align) if xw is not None else (
+            pseudo_labels(unl1, unl2, threshold, align) if unl1 is not None else (None, None))
         loss, sup, unsup = cross_consistency_loss(lab1, lab2, ml, unl1, unl2, y1, y2, weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -971,10 +1003,17 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
 
 
 @torch.no_grad()
-def weak_pseudo_labels(model, xw, threshold):
+def pseudo_labels(logits1, logits2, threshold, align=None):
+    """Both decoders' pseudo-labels (y1, y2), after updating align (if any) with both decoders' predictions."""
+    if align is not None:
+        align.update(logits1, logits2)
+    return pseudo_label(logits1, threshold, align), pseudo_label(logits2, threshold, align)
+
+
+@torch.no_grad()
+def weak_pseudo_labels(model, xw, threshold, align=None):
     """Both decoders' pseudo-labels (y1, y2) on the weak view xw (B_u, 1, H, W), without gradient."""
-    w1, w2 = model(xw)
-    return pseudo_label(w1, threshold), pseudo_label(w2, threshold)
+    return pseudo_labels(*model(xw), threshold, align)
 
 
 def labeled_views(x_l, m_l, n, g_cpu, g_dev):
@@ -1109,6 +1148,17 @@ def averaged(model, cfg, ckpt):
     return ema
 
 
+def aligner(cfg, m_l, ckpt):
+    """The DistributionAlignment of --align prior, its prior from the labeled masks m_l and its running mean
+    restored from last.pt when resuming; None with --align none (and a run from before the option)."""
+    if cfg.get("align", "none") == "none":
+        return None
+    align = DistributionAlignment(class_prior(m_l, cfg["num_classes"])).to(m_l.device)
+    if ckpt:
+        load_state(align, ckpt.get("align"), os.path.join(cfg["out"], "last.pt"), "distribution alignment")
+    return align
+
+
 def finetune(cfg, given=()):
     """Semi-supervised fine-tuning with the two decoders supervising each other (Eq. 3)."""
     cfg, ckpt = open_run(cfg, "finetune", given)
@@ -1117,7 +1167,7 @@ def finetune(cfg, given=()):
     split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
     cfg.update(classes)
     model, opt = finetune_model(cfg, ckpt, encoder_state, device)
-    ema = averaged(model, cfg, ckpt)
+    ema, align = averaged(model, cfg, ckpt), aligner(cfg, m_l, ckpt)
     judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = max([r["val_dice"] for r in log], default=-1.0)
@@ -1138,7 +1188,7 @@ def finetune(cfg, given=()):
             xl, ml = labeled_views(x_l, m_l, b, g_cpu, g_dev)
             xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
                 else (None, None)
-            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"]))
+            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"], align))
             if ema:
                 ema.update_parameters(model)
             progress.update(meter, b if xu is None else b + bu)
@@ -1146,13 +1196,14 @@ def finetune(cfg, given=()):
         val_dice, state, fields = judge(judged, x_v, m_v, x_train, cfg)     # every process: --sync-bn
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
-                      images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"])
+                      images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"],
+                      **({"align": [round(r, 3) for r in (align.prior / align.mean).tolist()]} if align else {}))
         files = {"best.pt": {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
             if val_dice > best else {}
         best = max(best, val_dice)
         log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
             "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-            "config": cfg, **({"ema": ema.state_dict()} if ema else {})}}))
+            "config": cfg, **{k: m.state_dict() for k, m in (("ema", ema), ("align", align)) if m is not None}}}))
     if rank() == 0:
         write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
                    os.path.join(cfg["out"], "done.json"))
@@ -1305,7 +1356,7 @@ def evaluate_run(cfg):
     write_csv(rows, os.path.join(out, "metrics.csv"))
     summary = metrics.summarize(per_volume)
     summary.update(run=cfg["run"], split=cfg["split_name"], data=root, predict=mode, volumes=len(per_volume),
-                   units="mm")
+                   units="mm", volume_ratio=volume_ratios(measured, labels))
     clinical = clinical_rows(measured) if layout == "acdc" else []
     if clinical:
         write_csv(clinical, os.path.join(out, "clinical.csv"))
@@ -1315,6 +1366,13 @@ def evaluate_run(cfg):
     if clinical:
         print_clinical(summary["clinical"])
     return summary
+
+
+def volume_ratios(measured, labels):
+    """{class: predicted / true volume summed over the volumes} (NaN where the truth is empty): below 1 a class is
+    under-segmented on the whole, above 1 over-segmented. measured: [(volume, {class: (pred ml, true ml)})]."""
+    sums = {c: np.sum([ml[c] for _, ml in measured], axis=0) for c in labels}
+    return {str(c): float(p / t) if t > 0 else math.nan for c, (p, t) in sums.items()}
 
 
 # ACDC challenge definitions (classes 1 RV, 2 MYO, 3 LV): index -> unit; myocardial mass = MYO volume at ED x 1.05.
@@ -1584,6 +1642,15 @@ def cell(values):
     return float(means.mean()), float(means.std()), f"{means.mean():.3f} ± {means.std():.3f}"
 
 
+def per_run(record):
+    """One run of a report: seed, test DSC (mean and per class), predicted / true volume per class where its
+    evaluation recorded it, and its validation curve's figures."""
+    classes = {k: v["dsc"]["mean"] for k, v in record.items() if k.isdigit() and isinstance(v, dict) and "dsc" in v}
+    return dict(seed=record["seed"], dsc=record["mean"]["dsc"]["mean"], dsc_per_class=classes,
+                **({"volume_ratio": record["volume_ratio"]} if "volume_ratio" in record else {}),
+                validation=record["validation"])
+
+
 def report(cfg):
     """results/<name>.md and .json from the runs under --runs: test metrics, validation Dice, and the paper's
     Table 1 beside IDEAL for the datasets the paper used."""
@@ -1611,8 +1678,7 @@ def report(cfg):
             lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(texts) + " |")
             results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
                                 **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()},
-                                per_run=[dict(seed=r["seed"], dsc=r["mean"]["dsc"]["mean"], validation=r["validation"])
-                                         for r in runs]))
+                                per_run=[per_run(r) for r in runs]))
     text = "\n".join(lines) + "\n"
     make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
     write_atomic(f"{cfg['out']}.md", lambda tmp: Path(tmp).write_text(text))
@@ -1839,6 +1905,9 @@ def add_finetune_loss_options(p):
     p.add_argument("--bn-stats", default="recomputed", choices=("running", "recomputed"),
                    help="BatchNorm statistics that validation, best.pt and so evaluation use: recomputed before each "
                    "validation on the un-augmented training slices, or the running averages of training")
+    p.add_argument("--align", default="none", choices=("none", "prior"),
+                   help="pseudo-labels from probabilities aligned to the labeled slices' class distribution "
+                        "(prior) or the softmax itself (none)")
     p.add_argument("--ema", type=number(float, inclusive=True, high=0.9999), default=0.0,
                    help="validate, keep and evaluate an exponential moving average of the weights with this decay "
                         "per step (0: the weights themselves)")

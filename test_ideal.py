@@ -2,6 +2,7 @@
 inverse, the phantom and bad input; metrics.py against hand-computed cases, naive loops and medpy where installed;
 ideal.py losses against naive loops, exact view correspondence, Eq. 3 by hand, gradient flow, short training runs
 and the command lines on a tiny phantom. Tests that need ../shared/data skip with a reason when it is absent."""
+import csv
 import gzip
 import io
 import itertools
@@ -1078,6 +1079,43 @@ def test_confidence_threshold_ignores_pixels_and_keeps_the_mean_over_all():
     assert unsup.item() == pytest.approx(2 * math.log(2) / 2)               # one pixel of two counts, twice
 
 
+def test_distribution_alignment_moves_the_argmax_towards_the_labeled_prior():
+    """--align prior: a class predicted at half its labeled share gets twice its probability before the argmax; a
+    model that predicts the prior leaves the pseudo-labels as they are; the running mean moves by 1 - momentum."""
+    prior = ideal.class_prior(torch.tensor([[[0, 0, 1, 1]]]), 2)                # half the pixels in each class
+    assert prior.tolist() == [0.5, 0.5]
+    logits = torch.log(torch.tensor([[[[0.6]], [[0.4]]]]))                   # (1, 2, 1, 1): p = (0.6, 0.4)
+    align = ideal.DistributionAlignment(prior, momentum=0.5)
+    assert ideal.pseudo_label(logits, align=align).item() == ideal.pseudo_label(logits).item() == 0
+    align.mean.copy_(torch.tensor([0.75, 0.25]))                            # class 1 predicted at half its share
+    aligned = align(logits.softmax(1))
+    assert aligned.flatten().tolist() == pytest.approx([0.4 / 1.2, 0.8 / 1.2])
+    assert ideal.pseudo_label(logits, threshold=0.6, align=align).item() == 1
+    align.update(logits, logits)
+    assert align.mean.tolist() == pytest.approx([0.5 * 0.75 + 0.5 * 0.6, 0.5 * 0.25 + 0.5 * 0.4])
+    assert ideal.class_prior(torch.zeros(1, 2, 2, dtype=torch.long), 3)[1:].gt(0).all()   # an absent class: > 0
+
+
+def test_distribution_alignment_is_logged_kept_and_resumed(phantom, pretrained, tmp_path, monkeypatch):
+    """--align prior: each epoch logs prior / mean per class, last.pt keeps the running mean, and a run killed in
+    epoch 2 and resumed ends with the weights and mean of a run straight through."""
+    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
+            "--epochs", "2", "--steps-per-epoch", "3", "--align", "prior", "--threshold", "0", *TINY]
+    assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    kill_at_save(monkeypatch, 3)                                    # epoch 1 wrote best.pt and last.pt
+    with pytest.raises(Killed):
+        ideal.main([*args, "--out", str(tmp_path / "killed")])
+    monkeypatch.undo()
+    assert ideal.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    a, b = (torch.load(tmp_path / out / "last.pt", map_location="cpu", weights_only=True) for out in ("whole", "killed"))
+    assert not torch.equal(a["align"]["mean"], a["align"]["prior"])
+    for key in ("model", "align"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    ratio = (a["align"]["prior"] / a["align"]["mean"]).tolist()
+    assert [len(r["align"]) for r in log] == [4, 4] and log[-1]["align"] == pytest.approx(ratio, abs=1e-3)
+
+
 def test_unlabeled_gradients_reach_both_decoders_and_encoder_not_pseudo_labels():
     torch.manual_seed(0)
     model = ideal.IDEALSegmenter(3, depth=10, width=8)
@@ -1349,7 +1387,11 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
     ev = out / "eval-test"
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["volumes"] == 4 and set(summary["mean"]) == {"dsc", "assd", "hd", "hd95"}
-    assert len((ev / "metrics.csv").read_text().splitlines()) == 1 + 4 * 3
+    measured = list(csv.DictReader((ev / "metrics.csv").open()))
+    assert len(measured) == 4 * 3
+    for c in ("1", "2", "3"):
+        pred, true = (sum(float(r[f"volume_ml_{k}"]) for r in measured if r["label"] == c) for k in ("pred", "gt"))
+        assert summary["volume_ratio"][c] == pytest.approx(pred / true)
     assert "MYO" in stdout
     _, volumes = data.load_volumes(phantom)
     for vol in volumes:
@@ -1367,6 +1409,8 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
     assert row["dsc"]["mean"] == pytest.approx(summary["mean"]["dsc"]["mean"])
     (run,) = row["per_run"]
     assert run["seed"] == "0" and run["dsc"] == summary["mean"]["dsc"]["mean"]
+    assert run["dsc_per_class"] == {c: summary[c]["dsc"]["mean"] for c in ("1", "2", "3")}
+    assert run["volume_ratio"] == summary["volume_ratio"]
     assert run["validation"] == dict(
         best=max(r["val_dice"] for r in log), spread=abs(log[0]["val_dice"] - log[1]["val_dice"]),
         last10=pytest.approx((log[0]["val_dice"] + log[1]["val_dice"]) / 2),
