@@ -450,16 +450,28 @@ def class_prior(masks, num_classes):
     return prior / prior.sum()
 
 
-def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_unl, y1, y2, weight=1.0):
+def soft_dice_loss(logits, mask):
+    """1 - the soft Dice 2 sum(p y) / (sum(p) + sum(y)) over a batch's pixels, averaged over the foreground classes
+    (Milletari et al. 2016): logits (B, C, H, W), mask (B, H, W) class indices; 0 for a perfect prediction."""
+    p = logits.float().softmax(1)[:, 1:]                                   # (B, C - 1, H, W)
+    y = F.one_hot(mask, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    dice = (2 * (p * y).sum((0, 2, 3)) + 1e-5) / (p.sum((0, 2, 3)) + y.sum((0, 2, 3)) + 1e-5)
+    return 1 - dice.mean()
+
+
+def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_unl, y1, y2, weight=1.0,
+                           dice=False):
     """Eq. 3: CE(p1, m) + CE(p2, m) on labeled slices, weight * (CE(p1, y2) + CE(p2, y1)) on unlabeled ones.
 
     logits*_lab: (B_l, C, H, W) of D(theta1)/D(theta2) on labeled slices; mask: (B_l, H, W) class indices.
     logits*_unl: (B_u, C, H, W) on unlabeled slices (None: supervised only); y1, y2: (B_u, H, W) the two decoders'
     pseudo-labels (pseudo_label), IGNORE pixels count as zero in the mean over all B_u H W pixels.
     weight: unlabeled weight at this step (the ramp-up is applied by the caller).
+    dice: the labeled term is CE + soft_dice_loss for each decoder (--sup-loss dice-ce); the unlabeled one stays CE.
     Returns (loss, supervised term, unsupervised term).
     """
-    sup = F.cross_entropy(logits1_lab.float(), mask) + F.cross_entropy(logits2_lab.float(), mask)
+    sup = sum(F.cross_entropy(z.float(), mask) + (soft_dice_loss(z, mask) if dice else 0)
+              for z in (logits1_lab, logits2_lab))
     if logits1_unl is None:
         return sup, sup, sup.new_zeros(())
     unsup = (F.cross_entropy(logits1_unl.float(), y2, ignore_index=IGNORE, reduction="none").mean() +
@@ -973,7 +985,8 @@ def load_encoder(encoder, state, path):
     load_state(encoder, state, path)
 
 
-def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0, align=None):
+def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0, align=None,
+                  dice=False):
     """One step of Eq. 3 on a labeled batch (xl, ml) and an unlabeled batch xu (None: supervised only).
 
     forward: "joint", one pass over cat(xl, xu), so BatchNorm normalises both with the statistics of the mix;
@@ -981,6 +994,7 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
     xw: a weak view of xu with the same geometry that makes the pseudo-labels (None: xu's own predictions).
     threshold: confidence below which a pseudo-labelled pixel is ignored.
     align: a DistributionAlignment of the pseudo-labels, updated with this step's predictions (None: none).
+    dice: CE + soft Dice for the labeled term (cross_consistency_loss).
     Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground}.
     """
     b = xl.shape[0]
@@ -994,7 +1008,7 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
             (lab1, lab2), (unl1, unl2) = model(xl, xu)
         y1, y2 = weak_pseudo_labels(model, xw, threshold, align) if xw is not None else (
             pseudo_labels(unl1, unl2, threshold, align) if unl1 is not None else (None, None))
-        loss, sup, unsup = cross_consistency_loss(lab1, lab2, ml, unl1, unl2, y1, y2, weight)
+        loss, sup, unsup = cross_consistency_loss(lab1, lab2, ml, unl1, unl2, y1, y2, weight, dice)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -1188,7 +1202,8 @@ def finetune(cfg, given=()):
             xl, ml = labeled_views(x_l, m_l, b, g_cpu, g_dev)
             xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
                 else (None, None)
-            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"], align))
+            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"], align,
+                                    cfg.get("sup_loss") == "dice-ce"))
             if ema:
                 ema.update_parameters(model)
             progress.update(meter, b if xu is None else b + bu)
@@ -1886,6 +1901,8 @@ def add_pretrain_loss_options(p):
 def add_finetune_loss_options(p):
     """Eq. 3 and how its batches are formed, defaults chosen on the validation split (README, "Why the unlabeled
     slices hurt"); the paper-literal setting: --forward joint --pseudo same --threshold 0 --rampup 0."""
+    p.add_argument("--sup-loss", default="ce", choices=("ce", "dice-ce"),
+                   help="labeled term of Eq. 3: CE, or CE + soft Dice over the foreground classes")
     p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=1.0,
                    help="weight of the unlabeled term of Eq. 3 after ramp-up (0: supervised only)")
     p.add_argument("--rampup", type=number(float, inclusive=True, high=1.0), default=0.4,

@@ -1069,6 +1069,19 @@ def test_cross_consistency_loss_by_hand():
     assert loss.item() == pytest.approx(want_sup + 0.5 * want_unsup)
 
 
+def test_soft_dice_loss_by_hand_and_added_to_the_labeled_term_only():
+    """--sup-loss dice-ce: 1 - mean foreground soft Dice over the batch, added to each decoder's labeled CE."""
+    mask = torch.tensor([[[1, 0]]])                                           # (1, 1, 2): one class-1 pixel
+    logits = torch.log(torch.tensor([[[[0.5, 0.8]], [[0.5, 0.2]]]]))         # (1, 2, 1, 2): p1 = (0.5, 0.2)
+    want = 1 - (2 * 0.5 + 1e-5) / (0.5 + 0.2 + 1 + 1e-5)
+    assert ideal.soft_dice_loss(logits, mask).item() == pytest.approx(want)
+    assert ideal.soft_dice_loss(torch.tensor([[[[-20.0, 20.0]], [[20.0, -20.0]]]]), mask).item() < 1e-6
+    y = torch.tensor([[[0, 1]]])
+    plain, dice = (ideal.cross_consistency_loss(logits, logits, mask, logits, logits, y, y, 0.5, d) for d in (0, 1))
+    assert dice[1].item() == pytest.approx(plain[1].item() + 2 * want)
+    assert dice[2].item() == plain[2].item() and dice[0].item() == pytest.approx(plain[0].item() + 2 * want)
+
+
 def test_confidence_threshold_ignores_pixels_and_keeps_the_mean_over_all():
     logits = torch.tensor([[[[3.0, 0.1]], [[0.0, 0.0]]]])                    # (1, 2, 1, 2): confident, unsure
     y = ideal.pseudo_label(logits, threshold=0.9)
