@@ -1595,11 +1595,11 @@ ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "superv
 METRICS = (("dsc", "DSC"), ("assd", "ASD mm"), ("hd", "HD mm"), ("hd95", "HD95 mm"))
 
 
-def collect(runs, rows=None):
-    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ (eval-test/summary.json
+def collect(runs, rows=None, split="test"):
+    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ (eval-SPLIT/summary.json
     and log.jsonl), for the rows named in `rows` (default: every row found), in that order."""
     table = {}
-    for path in sorted(glob.glob(os.path.join(runs, "*", "L*", "seed*", "eval-test", "summary.json"))):
+    for path in sorted(glob.glob(os.path.join(runs, "*", "L*", "seed*", f"eval-{split}", "summary.json"))):
         row, frac = path.split(os.sep)[-5:-3]
         if (rows is None or row in rows) and re.fullmatch(r"L\d+(\.\d+)?", frac):
             record = read_json(path)
@@ -1667,16 +1667,19 @@ def per_run(record):
 
 
 def report(cfg):
-    """results/<name>.md and .json from the runs under --runs: test metrics, validation Dice, and the paper's
-    Table 1 beside IDEAL for the datasets the paper used."""
-    table = collect(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None)
+    """results/<name>.md and .json from the runs under --runs: test metrics (or those of another --split),
+    validation Dice, and the paper's Table 1 beside IDEAL for the datasets the paper used (test split only)."""
+    split = cfg["split_name"]
+    table = collect(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None, split)
     if not table:
-        raise data.DataError(f"{cfg['runs']}: no <row>/L<fraction>/seed<k>/eval-test/summary.json found")
-    paper = PAPER_TABLE1.get(cfg["dataset"]) if "ideal" in table else None
+        raise data.DataError(f"{cfg['runs']}: no <row>/L<fraction>/seed<k>/eval-{split}/summary.json found")
+    paper = PAPER_TABLE1.get(cfg["dataset"]) if "ideal" in table and split == "test" else None
+    scope = "Test set: mean ± std over test volumes" if split == "test" else \
+        f"The {split} split (`eval --split {split}`): mean ± std over its volumes"
     columns = [name for _, name in METRICS] + ["val best", "val spread", "runs"] + (["paper DSC / ASD / HD"] if paper
                                                                                    else [])
     lines = [f"# {cfg['title']}", "", f"Made by `{cfg['made_by']}` at commit {cfg['commit']}.", "",
-             "Test set: mean ± std over test volumes of the per-volume mean over foreground classes for one run, "
+             f"{scope} of the per-volume mean over foreground classes for one run, "
              "mean ± std of the runs' means over several; distances in mm on the native grid (metrics.py, medpy "
              "0.5.2 convention). val best: best validation Dice of a run (the checkpoint evaluated); val spread: "
              "max - min of its validation Dice over the last 10 epochs (means over runs).", "",
@@ -1697,7 +1700,8 @@ def report(cfg):
     text = "\n".join(lines) + "\n"
     make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
     write_atomic(f"{cfg['out']}.md", lambda tmp: Path(tmp).write_text(text))
-    write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], units="mm", results=results),
+    write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], split=split, units="mm",
+                    results=results),
                f"{cfg['out']}.json")
     print(text, end="")
 
@@ -1956,7 +1960,9 @@ def add_predict_options(p):
 
 
 def add_report_options(p):
-    p.add_argument("--runs", type=text, required=True, help="folder with <row>/L<fraction>/seed<k>/eval-test/")
+    p.add_argument("--runs", type=text, required=True, help="folder with <row>/L<fraction>/seed<k>/eval-SPLIT/")
+    p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train", "all"),
+                   help="whose evaluations to tabulate (eval --split; default: test)")
     p.add_argument("--out", type=text, required=True, help="writes OUT.md and OUT.json")
     p.add_argument("--dataset", default="acdc", help="whose Table 1 numbers to show beside IDEAL (acdc, mmwhs; "
                    "any other name shows none)")

@@ -1431,6 +1431,15 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
             log[0]["val_dice_running"] - log[1]["val_dice_running"])),
         running_last10=pytest.approx((log[0]["val_dice_running"] + log[1]["val_dice_running"]) / 2))
     assert "| IDEAL" in (tmp_path / "table.md").read_text() and "| 20 |" in stdout
+    rc, _, err = run_cli("ideal.py", "eval", "--run", out, "--split", "val", "--quiet")
+    assert rc == 0, err
+    rc, stdout, err = run_cli("ideal.py", "report", "--runs", tmp_path / "runs", "--out", tmp_path / "val",
+                              "--split", "val")
+    assert rc == 0, err
+    val = json.loads((out / "eval-val" / "summary.json").read_text())
+    table = json.loads((tmp_path / "val.json").read_text())
+    assert table["split"] == "val" and table["results"][0]["per_run"][0]["dsc"] == val["mean"]["dsc"]["mean"]
+    assert "The val split" in stdout and "paper" not in stdout
 
 
 def test_validation_curve_of_a_log_with_and_without_the_running_statistics(tmp_path):
