@@ -1115,10 +1115,7 @@ def test_distribution_alignment_is_logged_kept_and_resumed(phantom, pretrained, 
     args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
             "--epochs", "2", "--steps-per-epoch", "3", "--align", "prior", "--threshold", "0", *TINY]
     assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
-    kill_at_save(monkeypatch, 3)                                    # epoch 1 wrote best.pt and last.pt
-    with pytest.raises(Killed):
-        ideal.main([*args, "--out", str(tmp_path / "killed")])
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, tmp_path / "killed", 3)          # epoch 1 wrote best.pt and last.pt
     assert ideal.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
     a, b = (torch.load(tmp_path / out / "last.pt", map_location="cpu", weights_only=True) for out in ("whole", "killed"))
     assert not torch.equal(a["align"]["mean"], a["align"]["prior"])
@@ -1372,10 +1369,7 @@ def test_ema_is_validated_kept_and_resumed(phantom, pretrained, tmp_path, monkey
     args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
             "--epochs", "2", "--steps-per-epoch", "3", "--ema", "0.5", "--bn-stats", "running", *TINY]
     assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
-    kill_at_save(monkeypatch, 3)                                    # epoch 1 wrote best.pt and last.pt
-    with pytest.raises(Killed):
-        ideal.main([*args, "--out", str(tmp_path / "killed")])
-    monkeypatch.undo()
+    killed_run(monkeypatch, args, tmp_path / "killed", 3)          # epoch 1 wrote best.pt and last.pt
     last = torch.load(tmp_path / "killed" / "last.pt", map_location="cpu", weights_only=True)
     best = weights(tmp_path / "killed" / "best.pt")
     average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
@@ -1628,6 +1622,14 @@ def kill_at_save(monkeypatch, n):
     monkeypatch.setattr(ideal, "atomic_save", save)
 
 
+def killed_run(monkeypatch, args, out, n):
+    """Run the command line args into the folder out, killed at its n-th checkpoint save (kill_at_save)."""
+    kill_at_save(monkeypatch, n)
+    with pytest.raises(Killed):
+        ideal.main([*args, "--out", str(out)])
+    monkeypatch.undo()
+
+
 def log_epochs(run):
     return [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -1640,10 +1642,7 @@ def test_a_kill_at_any_save_resumes_to_a_complete_current_run(phantom, tmp_path,
     want = weights(tmp_path / "whole" / "last.pt")
     for n in range(1, 5):
         out = tmp_path / f"killed{n}"
-        kill_at_save(monkeypatch, n)
-        with pytest.raises(Killed):
-            ideal.main([*args, "--out", str(out)])
-        monkeypatch.undo()
+        killed_run(monkeypatch, args, out, n)
         assert ideal.main([*args, "--out", str(out), "--resume"]) == 0
         got, encoder = weights(out / "last.pt"), torch.load(out / "encoder.pt", weights_only=True)["encoder"]
         assert all(torch.equal(want[k], got[k]) for k in want), n
