@@ -413,12 +413,13 @@ IGNORE = -1                                          # pseudo-label of a pixel l
 def pseudo_label(logits, threshold=0.0, align=None):
     """y = one-hot argmax of softmax(logits) as class indices (B, H, W), detached: no gradient flows into it.
 
-    threshold: pixels whose top probability is below it get IGNORE (default: 0.0, every pixel is kept).
+    threshold: pixels whose top probability is below it get IGNORE (default: 0.0, every pixel is kept); a tensor
+    (C,) gives each class its own, applied by the class a pixel's argmax picks (class_thresholds).
     align: a DistributionAlignment applied to the probabilities first (None: the softmax itself).
     """
     p = logits.detach().float().softmax(1)                                  # (B, C, H, W)
     confidence, y = (p if align is None else align(p)).max(1)
-    return y.masked_fill(confidence < threshold, IGNORE)
+    return y.masked_fill(confidence < (threshold[y] if torch.is_tensor(threshold) else threshold), IGNORE)
 
 
 class DistributionAlignment(nn.Module):
@@ -441,6 +442,14 @@ class DistributionAlignment(nn.Module):
     def update(self, *logits):                       # each (B, C, H, W): the predictions that make pseudo-labels
         batch = torch.stack([x.float().softmax(1).mean((0, 2, 3)) for x in logits]).mean(0)
         self.mean.lerp_(gather(batch[None]).mean(0), 1 - self.momentum)       # the same on every rank
+
+
+def class_thresholds(cfg, device):
+    """--threshold for every class, or (C,) thresholds with --background-threshold for class 0 and --threshold for
+    the others."""
+    if cfg.get("background_threshold") is None:
+        return cfg["threshold"]
+    return torch.tensor([cfg["background_threshold"]] + [cfg["threshold"]] * (cfg["num_classes"] - 1), device=device)
 
 
 def class_prior(masks, num_classes):
@@ -992,7 +1001,7 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
     forward: "joint", one pass over cat(xl, xu), so BatchNorm normalises both with the statistics of the mix;
     "separate", one pass each, so the labeled loss sees labeled statistics only.
     xw: a weak view of xu with the same geometry that makes the pseudo-labels (None: xu's own predictions).
-    threshold: confidence below which a pseudo-labelled pixel is ignored.
+    threshold: confidence below which a pseudo-labelled pixel is ignored (a float, or per class: pseudo_label).
     align: a DistributionAlignment of the pseudo-labels, updated with this step's predictions (None: none).
     dice: CE + soft Dice for the labeled term (cross_consistency_loss).
     Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground}.
@@ -1181,7 +1190,7 @@ def finetune(cfg, given=()):
     split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
     cfg.update(classes)
     model, opt = finetune_model(cfg, ckpt, encoder_state, device)
-    ema, align = averaged(model, cfg, ckpt), aligner(cfg, m_l, ckpt)
+    ema, align, threshold = averaged(model, cfg, ckpt), aligner(cfg, m_l, ckpt), class_thresholds(cfg, device)
     judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = max([r["val_dice"] for r in log], default=-1.0)
@@ -1202,7 +1211,7 @@ def finetune(cfg, given=()):
             xl, ml = labeled_views(x_l, m_l, b, g_cpu, g_dev)
             xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
                 else (None, None)
-            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"], align,
+            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], threshold, align,
                                     cfg.get("sup_loss") == "dice-ce"))
             if ema:
                 ema.update_parameters(model)
@@ -1922,6 +1931,8 @@ def add_finetune_loss_options(p):
                    help="pseudo-labels from the strongly augmented view itself or from its weak view")
     p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="confidence below which pseudo-labelled pixels are ignored")
+    p.add_argument("--background-threshold", type=number(float, inclusive=True, high=1.0),
+                   help="the same for pixels pseudo-labelled background (default: --threshold)")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
     p.add_argument("--bn-stats", default="recomputed", choices=("running", "recomputed"),
                    help="BatchNorm statistics that validation, best.pt and so evaluation use: recomputed before each "

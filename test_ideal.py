@@ -1069,6 +1069,18 @@ def test_cross_consistency_loss_by_hand():
     assert loss.item() == pytest.approx(want_sup + 0.5 * want_unsup)
 
 
+def test_background_threshold_applies_to_background_pseudo_labels_only():
+    """--background-threshold: a pixel pseudo-labelled background needs that confidence, the others --threshold."""
+    p = torch.tensor([[[0.95, 0.05, 0.02]], [[0.05, 0.95, 0.98]]])          # (2, 1, 3): bg 0.95, fg 0.95, fg 0.98
+    logits = torch.log(p)[None]                                             # (1, 2, 1, 3)
+    cfg = dict(threshold=0.9, background_threshold=0.97, num_classes=2)
+    thresholds = ideal.class_thresholds(cfg, "cpu")
+    assert thresholds.tolist() == pytest.approx([0.97, 0.9])
+    assert ideal.pseudo_label(logits, thresholds).tolist() == [[[ideal.IGNORE, 1, 1]]]
+    assert ideal.pseudo_label(logits, 0.97).tolist() == [[[ideal.IGNORE, ideal.IGNORE, 1]]]
+    assert ideal.class_thresholds(dict(cfg, background_threshold=None), "cpu") == 0.9
+
+
 def test_soft_dice_loss_by_hand_and_added_to_the_labeled_term_only():
     """--sup-loss dice-ce: 1 - mean foreground soft Dice over the batch, added to each decoder's labeled CE."""
     mask = torch.tensor([[[1, 0]]])                                           # (1, 1, 2): one class-1 pixel
