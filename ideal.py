@@ -1667,8 +1667,8 @@ def cell(values):
 
 
 def per_run(record):
-    """One run of a report: seed, test DSC (mean and per class), predicted / true volume per class where its
-    evaluation recorded it, and its validation curve's figures."""
+    """One run of a report: seed, DSC on the evaluated split (mean and per class), predicted / true volume per class
+    where its evaluation recorded it, and its validation curve's figures."""
     classes = {k: v["dsc"]["mean"] for k, v in record.items() if k.isdigit() and isinstance(v, dict) and "dsc" in v}
     return dict(seed=record["seed"], dsc=record["mean"]["dsc"]["mean"], dsc_per_class=classes,
                 **({"volume_ratio": record["volume_ratio"]} if "volume_ratio" in record else {}),
