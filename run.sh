@@ -164,6 +164,8 @@ for row in $ROWS; do
     h6-bn-recomputed-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --bn-stats recomputed) ;;
     i1-align) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed --align prior) ;;
     i2-dice-ce) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed --sup-loss dice-ce) ;;
+    i3-background0.99) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed
+                             --background-threshold 0.99) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
