@@ -410,15 +410,15 @@ IGNORE = -1                                          # pseudo-label of a pixel l
 
 
 @torch.no_grad()
-def pseudo_label(logits, threshold=0.0, align=None):
+def pseudo_label(logits, threshold=0.0, alignment=None):
     """y = one-hot argmax of softmax(logits) as class indices (B, H, W), detached: no gradient flows into it.
 
     threshold: pixels whose top probability is below it get IGNORE (default: 0.0, every pixel is kept); a tensor
     (C,) gives each class its own, applied by the class a pixel's argmax picks (class_thresholds).
-    align: a DistributionAlignment applied to the probabilities first (None: the softmax itself).
+    alignment: a DistributionAlignment applied to the probabilities first (None: the softmax itself).
     """
     p = logits.detach().float().softmax(1)                                  # (B, C, H, W)
-    confidence, y = (p if align is None else align(p)).max(1)
+    confidence, y = (p if alignment is None else alignment(p)).max(1)
     return y.masked_fill(confidence < (threshold[y] if torch.is_tensor(threshold) else threshold), IGNORE)
 
 
@@ -437,6 +437,10 @@ class DistributionAlignment(nn.Module):
     def forward(self, p):                            # p: (B, C, H, W) probabilities
         q = p * (self.prior / self.mean).view(1, -1, 1, 1)
         return q / q.sum(1, keepdim=True)
+
+    def factors(self):
+        """prior / mean per class, rounded for the log: above 1 where the predictions hold less than the prior."""
+        return [round(r, 3) for r in (self.prior / self.mean).tolist()]
 
     @torch.no_grad()
     def update(self, *logits):                       # each (B, C, H, W): the predictions that make pseudo-labels
@@ -994,15 +998,15 @@ def load_encoder(encoder, state, path):
     load_state(encoder, state, path)
 
 
-def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0, align=None,
-                  dice=False):
+def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0,
+                  alignment=None, dice=False):
     """One step of Eq. 3 on a labeled batch (xl, ml) and an unlabeled batch xu (None: supervised only).
 
     forward: "joint", one pass over cat(xl, xu), so BatchNorm normalises both with the statistics of the mix;
     "separate", one pass each, so the labeled loss sees labeled statistics only.
     xw: a weak view of xu with the same geometry that makes the pseudo-labels (None: xu's own predictions).
     threshold: confidence below which a pseudo-labelled pixel is ignored (a float, or per class: pseudo_label).
-    align: a DistributionAlignment of the pseudo-labels, updated with this step's predictions (None: none).
+    alignment: a DistributionAlignment of the pseudo-labels, updated with this step's predictions (None: none).
     dice: CE + soft Dice for the labeled term (cross_consistency_loss).
     Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground}.
     """
@@ -1015,8 +1019,8 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
             (lab1, unl1), (lab2, unl2) = out1.split([b, len(xu)]), out2.split([b, len(xu)])
         else:
             (lab1, lab2), (unl1, unl2) = model(xl, xu)
-        y1, y2 = weak_pseudo_labels(model, xw, threshold, align) if xw is not None else (
-            pseudo_labels(unl1, unl2, threshold, align) if unl1 is not None else (None, None))
+        y1, y2 = weak_pseudo_labels(model, xw, threshold, alignment) if xw is not None else (
+            pseudo_labels(unl1, unl2, threshold, alignment) if unl1 is not None else (None, None))
         loss, sup, unsup = cross_consistency_loss(lab1, lab2, ml, unl1, unl2, y1, y2, weight, dice)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -1026,17 +1030,17 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
 
 
 @torch.no_grad()
-def pseudo_labels(logits1, logits2, threshold, align=None):
-    """Both decoders' pseudo-labels (y1, y2), after updating align (if any) with both decoders' predictions."""
-    if align is not None:
-        align.update(logits1, logits2)
-    return pseudo_label(logits1, threshold, align), pseudo_label(logits2, threshold, align)
+def pseudo_labels(logits1, logits2, threshold, alignment=None):
+    """Both decoders' pseudo-labels (y1, y2), after updating alignment (if any) with both decoders' predictions."""
+    if alignment is not None:
+        alignment.update(logits1, logits2)
+    return pseudo_label(logits1, threshold, alignment), pseudo_label(logits2, threshold, alignment)
 
 
 @torch.no_grad()
-def weak_pseudo_labels(model, xw, threshold, align=None):
+def weak_pseudo_labels(model, xw, threshold, alignment=None):
     """Both decoders' pseudo-labels (y1, y2) on the weak view xw (B_u, 1, H, W), without gradient."""
-    return pseudo_labels(*model(xw), threshold, align)
+    return pseudo_labels(*model(xw), threshold, alignment)
 
 
 def labeled_views(x_l, m_l, n, g_cpu, g_dev):
@@ -1171,15 +1175,15 @@ def averaged(model, cfg, ckpt):
     return ema
 
 
-def aligner(cfg, m_l, ckpt):
+def distribution_alignment(cfg, m_l, ckpt):
     """The DistributionAlignment of --align prior, its prior from the labeled masks m_l and its running mean
     restored from last.pt when resuming; None with --align none (and a run from before the option)."""
     if cfg.get("align", "none") == "none":
         return None
-    align = DistributionAlignment(class_prior(m_l, cfg["num_classes"])).to(m_l.device)
+    alignment = DistributionAlignment(class_prior(m_l, cfg["num_classes"])).to(m_l.device)
     if ckpt:
-        load_state(align, ckpt.get("align"), os.path.join(cfg["out"], "last.pt"), "distribution alignment")
-    return align
+        load_state(alignment, ckpt.get("align"), os.path.join(cfg["out"], "last.pt"), "distribution alignment")
+    return alignment
 
 
 def finetune(cfg, given=()):
@@ -1190,7 +1194,8 @@ def finetune(cfg, given=()):
     split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
     cfg.update(classes)
     model, opt = finetune_model(cfg, ckpt, encoder_state, device)
-    ema, align, threshold = averaged(model, cfg, ckpt), aligner(cfg, m_l, ckpt), class_thresholds(cfg, device)
+    ema, alignment = averaged(model, cfg, ckpt), distribution_alignment(cfg, m_l, ckpt)
+    threshold = class_thresholds(cfg, device)
     judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = max([r["val_dice"] for r in log], default=-1.0)
@@ -1211,7 +1216,7 @@ def finetune(cfg, given=()):
             xl, ml = labeled_views(x_l, m_l, b, g_cpu, g_dev)
             xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
                 else (None, None)
-            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], threshold, align,
+            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], threshold, alignment,
                                     cfg.get("sup_loss") == "dice-ce"))
             if ema:
                 ema.update_parameters(model)
@@ -1221,13 +1226,13 @@ def finetune(cfg, given=()):
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
                       images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"],
-                      **({"align": [round(r, 3) for r in (align.prior / align.mean).tolist()]} if align else {}))
+                      **({"align": alignment.factors()} if alignment else {}))
         files = {"best.pt": {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
             if val_dice > best else {}
         best = max(best, val_dice)
         log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
             "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-            "config": cfg, **{k: m.state_dict() for k, m in (("ema", ema), ("align", align)) if m is not None}}}))
+            "config": cfg, **{k: m.state_dict() for k, m in (("ema", ema), ("align", alignment)) if m is not None}}}))
     if rank() == 0:
         write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
                    os.path.join(cfg["out"], "done.json"))

@@ -1111,11 +1111,11 @@ def test_distribution_alignment_moves_the_argmax_towards_the_labeled_prior():
     assert prior.tolist() == [0.5, 0.5]
     logits = torch.log(torch.tensor([[[[0.6]], [[0.4]]]]))                   # (1, 2, 1, 1): p = (0.6, 0.4)
     align = ideal.DistributionAlignment(prior, momentum=0.5)
-    assert ideal.pseudo_label(logits, align=align).item() == ideal.pseudo_label(logits).item() == 0
+    assert ideal.pseudo_label(logits, alignment=align).item() == ideal.pseudo_label(logits).item() == 0
     align.mean.copy_(torch.tensor([0.75, 0.25]))                            # class 1 predicted at half its share
     aligned = align(logits.softmax(1))
     assert aligned.flatten().tolist() == pytest.approx([0.4 / 1.2, 0.8 / 1.2])
-    assert ideal.pseudo_label(logits, threshold=0.6, align=align).item() == 1
+    assert ideal.pseudo_label(logits, threshold=0.6, alignment=align).item() == 1
     align.update(logits, logits)
     assert align.mean.tolist() == pytest.approx([0.5 * 0.75 + 0.5 * 0.6, 0.5 * 0.25 + 0.5 * 0.4])
     assert ideal.class_prior(torch.zeros(1, 2, 2, dtype=torch.long), 3)[1:].gt(0).all()   # an absent class: > 0
