@@ -12,7 +12,7 @@
 #   SEEDS      fine-tuning runs per setting; the paper reports the mean of 5 (default: 1)
 #   ROWS       rows of the table (default: ideal supervised pretrained-supervised global local same-decoders;
 #              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README, g* and
-#              h* the 2.5 % screenings, i* the 1.25 % one
+#              h* the 2.5 % screenings, i* the 1.25 % ones
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
 #   TABLE      results/<dataset>-<preset>[-TABLE].md: a separate table for a separate question (e.g. ablation)
 #   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run;
@@ -120,8 +120,8 @@ if [ "${BENCH:-1}" = only ]; then  # the benches alone, no training and no table
   exit 0
 fi
 
-# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt"; g*, h*: the 2.5 % screenings,
-# README "Results") pins every flag it tests, so it means the same whatever the defaults are.
+# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt"; g*, h*: the 2.5 % screenings and
+# i*: the 1.25 % ones, README "Results") pins every flag it tests, so it means the same whatever the defaults are.
 E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant --bn-stats running
     --sup-loss ce)     # labeled slices only
 F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --warmup 0 --schedule constant
@@ -166,6 +166,8 @@ for row in $ROWS; do
     i2-dice-ce) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed --sup-loss dice-ce) ;;
     i3-background0.99) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed
                              --background-threshold 0.99) ;;
+    i4-background0.97) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed
+                             --background-threshold 0.97) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
