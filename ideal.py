@@ -449,8 +449,8 @@ class DistributionAlignment(nn.Module):
 
 
 def class_thresholds(cfg, device):
-    """--threshold for every class, or (C,) thresholds with --background-threshold for class 0 and --threshold for
-    the others."""
+    """(C,) thresholds: --background-threshold for class 0 and --threshold for the others, or --threshold for every
+    class in a run made before --background-threshold existed."""
     if cfg.get("background_threshold") is None:
         return cfg["threshold"]
     return torch.tensor([cfg["background_threshold"]] + [cfg["threshold"]] * (cfg["num_classes"] - 1), device=device)
@@ -1782,12 +1782,12 @@ def bench_finetune(cfg, device, pool, g):
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     masks = (pool[:, 0] * 4).long().clamp(max=3)
     meter, g_cpu = Meter(cfg, 1), torch.Generator().manual_seed(cfg["seed"])
+    threshold = class_thresholds(dict(cfg, num_classes=4), device)
 
     def full():
         xl, ml = labeled_views(pool, masks, b, g_cpu, g)
         xu, xw = unlabeled_views(pool, bu, g_cpu, g, cfg["pseudo"])
-        meter.add(finetune_step(model, opt, xl, ml, xu, xw, cfg["unlabeled_weight"], cfg["forward"],
-                                cfg["threshold"]))
+        meter.add(finetune_step(model, opt, xl, ml, xu, xw, cfg["unlabeled_weight"], cfg["forward"], threshold))
 
     xl, xu = pool[:b], pool[b:b + bu]
     batches = (torch.cat([xl, xu]),) if cfg["forward"] == "joint" else (xl, xu)
@@ -1918,7 +1918,8 @@ def add_pretrain_loss_options(p):
 
 def add_finetune_loss_options(p):
     """Eq. 3 and how its batches are formed, defaults chosen on the validation split (README, "Why the unlabeled
-    slices hurt"); the paper-literal setting: --forward joint --pseudo same --threshold 0 --rampup 0."""
+    slices hurt"); the paper-literal setting: --forward joint --pseudo same --threshold 0 --background-threshold 0
+    --rampup 0."""
     p.add_argument("--sup-loss", default="ce", choices=("ce", "dice-ce"),
                    help="labeled term of Eq. 3: CE, or CE + soft Dice over the foreground classes")
     p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=1.0,
@@ -1936,8 +1937,8 @@ def add_finetune_loss_options(p):
                    help="pseudo-labels from the strongly augmented view itself or from its weak view")
     p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="confidence below which pseudo-labelled pixels are ignored")
-    p.add_argument("--background-threshold", type=number(float, inclusive=True, high=1.0),
-                   help="the same for pixels pseudo-labelled background (default: --threshold)")
+    p.add_argument("--background-threshold", type=number(float, inclusive=True, high=1.0), default=0.97,
+                   help="the same for pixels pseudo-labelled background (give --threshold's value for one threshold)")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
     p.add_argument("--bn-stats", default="recomputed", choices=("running", "recomputed"),
                    help="BatchNorm statistics that validation, best.pt and so evaluation use: recomputed before each "

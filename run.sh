@@ -124,8 +124,8 @@ fi
 # i*: the 1.25 % ones, README "Results") pins every flag it tests, so it means the same whatever the defaults are.
 E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant --bn-stats running
     --sup-loss ce)     # labeled slices only
-F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --warmup 0 --schedule constant
-    --bn-stats running --align none --sup-loss ce)
+F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --background-threshold 0.9
+    --warmup 0 --schedule constant --bn-stats running --align none --sup-loss ce)
 cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test split
   local dir=$1
   shift
@@ -148,18 +148,21 @@ for row in $ROWS; do
     e3-separate-w0-poly) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
                                --schedule poly --bn-stats running) ;;
     f1-separate-w0.1) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
-                            --pseudo same --threshold 0 --warmup 0 --schedule constant --bn-stats running) ;;
+                            --pseudo same --threshold 0 --background-threshold 0 --warmup 0 --schedule constant
+                            --bn-stats running) ;;
     f2-weak) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
-                   --pseudo weak --threshold 0 --warmup 0 --schedule constant --bn-stats running) ;;
+                   --pseudo weak --threshold 0 --background-threshold 0 --warmup 0 --schedule constant
+                   --bn-stats running) ;;
     f4-weak-t0.9-w1) init=(--pretrained "$(pretrained both)" "${F4[@]}") ;;
     g1-ema0.99) init=(--pretrained "$(pretrained both)" "${F4[@]}" --ema 0.99) ;;
     g2-ema0.99-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --ema 0.99) ;;
     g3-60-epochs) init=(--pretrained "$(pretrained both)" "${F4[@]}" --epochs 60) ;;
     g4-60-epochs-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --epochs 60) ;;
-    h1-threshold0.8) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.8) ;;
+    h1-threshold0.8) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.8 --background-threshold 0.8) ;;
     h2-weight2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --unlabeled-weight 2) ;;
     h3-warmup0.2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --warmup 0.2) ;;
-    h4-threshold0.95) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.95) ;;
+    h4-threshold0.95) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.95
+                           --background-threshold 0.95) ;;
     h5-bn-recomputed) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed) ;;
     h6-bn-recomputed-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --bn-stats recomputed) ;;
     i1-align) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed --align prior) ;;
