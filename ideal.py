@@ -678,6 +678,13 @@ RESUME_NEW = ("data", "compile", "threads")                 # may change on resu
 RESUME_FREE = ("out", "resume", "quiet", "device", "epochs", "pretrained", *RESUME_NEW)   # "pretrained": read at start
 
 
+def predated_options(stored):
+    """A fine-tuning run's stored options with those it was made before set to how it ran: no distribution
+    alignment, CE for the labeled term, and --threshold for background too; so the flags that pin them resume it."""
+    before = dict(align="none", sup_loss="ce", background_threshold=stored["threshold"])
+    return dict(stored, **{k: v for k, v in before.items() if stored.get(k) is None})
+
+
 def open_run(cfg, command, given):
     """(cfg, last checkpoint or None) of the run in --out, whose lock the caller holds.
 
@@ -695,7 +702,7 @@ def open_run(cfg, command, given):
     if not cfg["resume"]:
         raise data.DataError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     ckpt = load_checkpoint(last, ("model", "optimizer", "epoch", "config", "log"), command)
-    stored = ckpt["config"]
+    stored = predated_options(ckpt["config"]) if command == "finetune" else ckpt["config"]
     changed = [f"--{k.replace('_', '-')} {cfg[k]} (the run's: {stored.get(k)})" for k in sorted(given)
                if k not in RESUME_FREE and k in cfg and cfg[k] != stored.get(k)]
     if changed:

@@ -1682,6 +1682,25 @@ def test_resume_refuses_fewer_epochs_and_changed_options(pretrained, tmp_path, c
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
 
 
+def test_a_run_made_before_newer_options_resumes_with_the_flags_that_pin_how_it_ran(phantom, pretrained, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A fine-tuning whose stored options predate --align, --sup-loss and --background-threshold resumes with the
+    flags that pin its behaviour (run.sh's rows pass them), and its background threshold stays --threshold's."""
+    out = tmp_path / "old"
+    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
+            "--epochs", "2", "--steps-per-epoch", "2", *TINY]
+    killed_run(monkeypatch, args, out, 3)                          # epoch 1 wrote best.pt and last.pt
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    for k in ("align", "sup_loss", "background_threshold"):
+        del ckpt["config"][k]
+    torch.save(ckpt, out / "last.pt")
+    pins = ["--align", "none", "--sup-loss", "ce", "--background-threshold", "0.9"]
+    assert_one_error_line(run_main(capsys, *args, "--out", out, "--resume", "--background-threshold", "0.97"),
+                          "--background-threshold 0.97", "0.9")
+    assert run_main(capsys, *args, "--out", out, "--resume", *pins)[0] == 0
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["background_threshold"] == 0.9
+
+
 def test_resume_reads_a_moved_dataset_and_keeps_the_number_of_processes(phantom, tmp_path, capsys):
     """--data may change on resume (a moved dataset) and the new folder is read; config.json records the number of
     processes, and another number is refused in one line, nothing changed."""
