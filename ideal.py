@@ -1612,7 +1612,8 @@ ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "superv
              "e3-separate-w0-poly": "E3: E2 with a poly learning-rate decay",
              "f1-separate-w0.1": "F1: separate passes, Eq. 3 weight 0.1 ramped over the run",
              "f2-weak": "F2: F1 with pseudo-labels from the weak view",
-             "f4-weak-t0.9-w1": "F4: F2 with confidence >= 0.9, weight 1 after 40 % (the default)"}
+             "f4-weak-t0.9-w1": "F4: F2 with confidence >= 0.9, weight 1 after 40 %",
+             "h5-bn-recomputed": "IDEAL, previous default (F4, recomputed BN statistics, background threshold 0.9)"}
 METRICS = (("dsc", "DSC"), ("assd", "ASD mm"), ("hd", "HD mm"), ("hd95", "HD95 mm"))
 
 
