@@ -1613,7 +1613,9 @@ ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "superv
              "f1-separate-w0.1": "F1: separate passes, Eq. 3 weight 0.1 ramped over the run",
              "f2-weak": "F2: F1 with pseudo-labels from the weak view",
              "f4-weak-t0.9-w1": "F4: F2 with confidence >= 0.9, weight 1 after 40 %",
-             "h5-bn-recomputed": "IDEAL, previous default (F4, recomputed BN statistics, background threshold 0.9)"}
+             "h5-bn-recomputed": "IDEAL, earlier default (F4, recomputed BN statistics, background threshold 0.9)",
+             "i4-background0.97": "IDEAL, previous default (h5 with background threshold 0.97)",
+             "i5-dice-ce-no-unlabeled": "IDEAL pre-training, supervised fine-tuning only, CE + Dice"}
 METRICS = (("dsc", "DSC"), ("assd", "ASD mm"), ("hd", "HD mm"), ("hd95", "HD95 mm"))
 
 
@@ -1928,7 +1930,7 @@ def add_finetune_loss_options(p):
     """Eq. 3 and how its batches are formed, defaults chosen on the validation split (README, "Why the unlabeled
     slices hurt"); the paper-literal setting: --forward joint --pseudo same --threshold 0 --background-threshold 0
     --rampup 0."""
-    p.add_argument("--sup-loss", default="ce", choices=("ce", "dice-ce"),
+    p.add_argument("--sup-loss", default="dice-ce", choices=("ce", "dice-ce"),
                    help="labeled term of Eq. 3: CE, or CE + soft Dice over the foreground classes")
     p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=1.0,
                    help="weight of the unlabeled term of Eq. 3 after ramp-up (0: supervised only)")
@@ -1945,7 +1947,7 @@ def add_finetune_loss_options(p):
                    help="pseudo-labels from the strongly augmented view itself or from its weak view")
     p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="confidence below which pseudo-labelled pixels are ignored")
-    p.add_argument("--background-threshold", type=number(float, inclusive=True, high=1.0), default=0.97,
+    p.add_argument("--background-threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
                    help="the same for pixels pseudo-labelled background (give --threshold's value for one threshold)")
     p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
     p.add_argument("--bn-stats", default="recomputed", choices=("running", "recomputed"),

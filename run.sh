@@ -136,8 +136,9 @@ cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test spli
 for row in $ROWS; do
   case $row in
     ideal) init=(--pretrained "$(pretrained both)") ;;
-    supervised) init=(--no-pretrain --unlabeled-weight 0 --unlabeled-batch 0) ;;
-    pretrained-supervised) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0) ;;
+    supervised) init=(--no-pretrain --unlabeled-weight 0 --unlabeled-batch 0 --sup-loss ce) ;;
+    pretrained-supervised) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0
+                                 --sup-loss ce) ;;
     global | local) init=(--pretrained "$(pretrained "$row")") ;;
     same-decoders) init=(--pretrained "$(pretrained both)" --same-decoders) ;;
     e0-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}") ;;
@@ -171,6 +172,8 @@ for row in $ROWS; do
                              --background-threshold 0.99) ;;
     i4-background0.97) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed
                              --background-threshold 0.97) ;;
+    i5-dice-ce-no-unlabeled) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0
+                                   --sup-loss dice-ce) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
