@@ -1929,7 +1929,7 @@ def add_pretrain_loss_options(p):
 def add_finetune_loss_options(p):
     """Eq. 3 and how its batches are formed, defaults chosen on the validation split (README, "Why the unlabeled
     slices hurt"); the paper-literal setting: --forward joint --pseudo same --threshold 0 --background-threshold 0
-    --rampup 0."""
+    --rampup 0 --sup-loss ce."""
     p.add_argument("--sup-loss", default="dice-ce", choices=("ce", "dice-ce"),
                    help="labeled term of Eq. 3: CE, or CE + soft Dice over the foreground classes")
     p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=1.0,
