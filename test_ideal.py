@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -1602,6 +1603,19 @@ def test_non_finite_loss_stops_and_the_same_command_starts_again(phantom, tmp_pa
         rc, _, err = run_cli("ideal.py", *args, *extra)
         assert rc == 0 and (out / "done.json").is_file(), err
         (out / "done.json").unlink(), (out / "last.pt").unlink()
+
+
+def test_finetune_defaults_are_the_screened_ones_and_the_baselines_pin_labeled_ce():
+    """The defaults the README's screenings chose (issue 9); run.sh's baseline rows keep the paper's labeled CE."""
+    args = vars(ideal.build_parser().parse_args(["finetune", "--data", "d", "--out", "o"]))
+    assert {k: args[k] for k in ("forward", "pseudo", "threshold", "background_threshold", "sup_loss", "bn_stats",
+                                 "unlabeled_weight", "rampup")} == dict(
+        forward="separate", pseudo="weak", threshold=0.9, background_threshold=0.9, sup_loss="dice-ce",
+        bn_stats="recomputed", unlabeled_weight=1.0, rampup=0.4)
+    rows = (Path(ideal.__file__).parent / "run.sh").read_text()
+    for row in ("supervised", "pretrained-supervised"):
+        line = re.search(rf"^    {row}\) init=\((.*?)\) ;;", rows, re.M | re.S).group(1)
+        assert "--sup-loss ce" in line, row
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "eval", "predict", "report", "bench"])
