@@ -2076,7 +2076,8 @@ def resolve(args, parser):
     if "unlabeled_batch" in cfg and cfg["unlabeled_batch"] is None:
         cfg["unlabeled_batch"] = cfg["batch_size"]
     if args.command != "bench":
-        note(cfg, f"{args.command}: preset {cfg['preset']} on {cfg['device']}")
+        threads = f" ({torch.get_num_threads()} threads)" if cfg["device"] == "cpu" else ""
+        note(cfg, f"{args.command}: preset {cfg['preset']} on {cfg['device']}{threads}")
     return cfg
 
 

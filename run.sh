@@ -2,7 +2,7 @@
 # IDEAL's protocol end to end: pre-train, fine-tune each row at each label fraction, evaluate, tabulate.
 #
 #   bash run.sh                      the embedded default: synthetic phantom, demo preset (the cpu model, a short
-#                                    schedule), about 5 minutes on a 2-core laptop
+#                                    schedule), about 5 minutes on a 2-core laptop (6 with the benches)
 #   DATA=/path/to/ACDC bash run.sh   the paper's protocol on real ACDC (L = 1.25, 2.5, 10, 100 %)
 #
 # Environment (all optional):
@@ -18,13 +18,14 @@
 #   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run;
 #              only: the benches alone, e.g. PRESET=cpu BENCH=only bash run.sh)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
-#   JOBS       fine-tunings run side by side, each logging to <run folder>.log (default: 1; e.g. 2 with
-#              OMP_NUM_THREADS=1 on 2 cores, or a dozen sharing one GPU)
+#   JOBS       fine-tunings run side by side, each logging to <run folder>.log and using cores / JOBS threads
+#              unless OMP_NUM_THREADS says otherwise (default: 1; the phantom: one per core, at most 5; e.g. 2 on 2
+#              cores, or a dozen sharing one GPU)
 #   PRETRAIN_FLAGS, FINETUNE_FLAGS  extra flags for every pretrain / finetune call (e.g. --epochs 50)
 # Re-running skips every finished training and evaluation (a run folder with done.json, an eval with summary.json;
 # the tables and the quick ED+ES scoring are made again) and resumes a run folder that has last.pt but no done.json,
 # so an interrupted protocol continues where it stopped.
-# Two runs side by side on one machine: give each half the cores, e.g. JOBS=2 OMP_NUM_THREADS=1 bash run.sh on 2
+# Two run.sh side by side on one machine: give each its share of the cores, e.g. OMP_NUM_THREADS=1 for each on 2
 # cores (two jobs that each take every core slow each other down 10-15x).
 set -euo pipefail
 shopt -s inherit_errexit
@@ -34,9 +35,9 @@ DATASET=${DATASET:-acdc}
 PRESET_GIVEN=${PRESET:-}
 PRESET=${PRESET:-$($PY -c 'import torch; print("paper" if torch.cuda.is_available() else "cpu")')}
 SEEDS=${SEEDS:-1}
-JOBS=${JOBS:-1}
-[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: error: JOBS must be a positive integer, got '$JOBS'" >&2; exit 2; }
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone obeys OMP_NUM_THREADS
 DATA_FLAGS=()
+BENCH_FLAGS=()
 if [ -n "${DATA:-}" ]; then
   DATA_FLAGS=(--data "$DATA")
   BASE=$DATASET-$PRESET
@@ -45,7 +46,14 @@ else
   PRESET=${PRESET_GIVEN:-demo}
   BASE=phantom-$PRESET
   ROWS=${ROWS:-ideal supervised}
+  JOBS=${JOBS:-$((CORES < 5 ? CORES : 5))}  # its five small fine-tunings, one thread each, use the cores better
+  BENCH_FLAGS=(--steps 20)
 fi
+JOBS=${JOBS:-1}
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: error: JOBS must be a positive integer, got '$JOBS'" >&2; exit 2; }
+# Side by side, each fine-tuning takes its share of the cores (OMP_NUM_THREADS wins when given): jobs whose
+# threads outnumber the cores slow each other down 10-15x.
+JOB_THREADS=${OMP_NUM_THREADS:-$((CORES / JOBS > 1 ? CORES / JOBS : 1))}
 NAME=$BASE${TABLE:+-$TABLE}
 case $DATASET in
   acdc) FRACTIONS=${FRACTIONS:-1.25 2.5 10 100} ;;
@@ -96,7 +104,7 @@ pretrained() {  # LOSS -> encoder.pt of the pre-training with that loss (run onc
 
 bench() {  # time the training step and the metrics into results/, to be pasted into README.md
   mkdir -p results
-  say "$PY" ideal.py bench --preset "$PRESET" > "results/bench-$PRESET.txt"
+  say "$PY" ideal.py bench --preset "$PRESET" "${BENCH_FLAGS[@]}" > "results/bench-$PRESET.txt"
   say "$PY" metrics.py --bench > results/metrics-bench.txt
   PASTE+=("results/bench-$PRESET.txt" results/metrics-bench.txt)
 }
@@ -190,7 +198,8 @@ for row in $ROWS; do
       settle $((JOBS - 1))
       mkdir -p "$(dirname "$dir")"
       echo "+ $dir (log: $dir.log)" >&2
-      cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}" > "$dir.log" 2>&1 &
+      OMP_NUM_THREADS=$JOB_THREADS cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}" \
+        > "$dir.log" 2>&1 &
       running=$((running + 1))
     done
   done
@@ -202,8 +211,9 @@ made_by="${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS=
 say "$PY" ideal.py report --runs "$OUT" --out "results/$NAME" --dataset "${DATA:+$DATASET}" --rows "$ROWS" \
   --title "IDEAL on $([ -n "${DATA:-}" ] && basename "$DATA" || echo the synthetic phantom) ($PRESET preset)" \
   --made-by "$made_by bash run.sh" --commit "$COMMIT"
-threads=${OMP_NUM_THREADS:+ (OMP_NUM_THREADS=$OMP_NUM_THREADS)}
-echo "wall time: $(( $(date +%s) - START )) s on $(nproc --all) cores$threads" >> "results/$NAME.md"
+threads=""
+if ((JOBS > 1)); then threads=" ($JOBS fine-tunings side by side, $JOB_THREADS thread(s) each)"; fi
+echo "wall time: $(( $(date +%s) - START )) s on $CORES cores$threads" >> "results/$NAME.md"
 PASTE=("results/$NAME.md")
 
 # ACDC: the ideal run of the last fraction in FRACTIONS on data it never saw, the ED and ES frames of the test

@@ -1493,6 +1493,7 @@ def run_sh(tmp_path, **env):
     flags = " ".join(TINY + ["--epochs", "1", "--steps-per-epoch", "2"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PRESET": "demo", "ROWS": "supervised", "FRACTIONS": "20",
            "BENCH": "0", "FINETUNE_FLAGS": flags, **env}
+    env = {k: v for k, v in env.items() if v is not None}              # None: leave the variable unset
     p = subprocess.run(["bash", str(tmp_path / "run.sh")], capture_output=True, text=True, env=env, timeout=600)
     return p.returncode, p.stdout, p.stderr
 
@@ -1513,6 +1514,18 @@ def test_run_sh_jobs_side_by_side_give_the_sequential_numbers(phantom, tmp_path)
         assert scores[0] == scores[1]
     table = json.loads((tmp_path / "results" / "acdc-demo.json").read_text())
     assert [len(row["per_run"]) for row in table["results"]] == [2]
+
+
+def test_run_sh_gives_each_job_its_share_of_the_cores(phantom, tmp_path):
+    loud = " ".join([f for f in TINY if f != "--quiet"] + ["--epochs", "1", "--steps-per-epoch", "2"])
+    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", JOBS="2", OUT=str(tmp_path / "runs"),
+                        OMP_NUM_THREADS=None, FINETUNE_FLAGS=loud)
+    assert rc == 0, err
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for seed in ("seed0", "seed1"):
+        assert f"on cpu ({share} threads)" in (tmp_path / "runs" / "supervised" / "L20" / f"{seed}.log").read_text()
+    wall = (tmp_path / "results" / "acdc-demo.md").read_text().splitlines()[-1]
+    assert wall.endswith(f"(2 fine-tunings side by side, {share} thread(s) each)")
 
 
 def test_run_sh_stops_when_a_job_fails(phantom, tmp_path):
