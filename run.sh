@@ -51,7 +51,7 @@ else
 fi
 JOBS=${JOBS:-1}
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: error: JOBS must be a positive integer, got '$JOBS'" >&2; exit 2; }
-# Side by side, each fine-tuning takes its share of the cores (OMP_NUM_THREADS wins when given): jobs whose
+# Each fine-tuning takes its share of the cores (OMP_NUM_THREADS wins when given): jobs side by side whose
 # threads outnumber the cores slow each other down 10-15x.
 JOB_THREADS=${OMP_NUM_THREADS:-$((CORES / JOBS > 1 ? CORES / JOBS : 1))}
 NAME=$BASE${TABLE:+-$TABLE}
@@ -136,6 +136,7 @@ F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --thresho
     --warmup 0 --schedule constant --bn-stats running --align none --sup-loss ce)
 cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test split
   local dir=$1
+  local -x OMP_NUM_THREADS=$JOB_THREADS
   shift
   train finetune "$dir" "$@"
   [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --save-png
@@ -198,8 +199,7 @@ for row in $ROWS; do
       settle $((JOBS - 1))
       mkdir -p "$(dirname "$dir")"
       echo "+ $dir (log: $dir.log)" >&2
-      OMP_NUM_THREADS=$JOB_THREADS cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}" \
-        > "$dir.log" 2>&1 &
+      cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}" > "$dir.log" 2>&1 &
       running=$((running + 1))
     done
   done
