@@ -726,10 +726,11 @@ def start_run(cfg, split, ckpt):
     rewritten from the checkpoint, one line per epoch it holds, and no done.json while epochs are left (an extended
     run). Returns the log (a list of epoch records)."""
     log = ckpt["log"] if ckpt else []
-    done = os.path.join(cfg["out"], "done.json")
     if rank() == 0:
-        if ckpt and ckpt["epoch"] < cfg["epochs"] and os.path.exists(done):
-            os.remove(done)
+        if ckpt and ckpt["epoch"] < cfg["epochs"]:                   # extended: no longer done, final.pt stale
+            for name in ("done.json", "final.pt"):
+                if os.path.exists(os.path.join(cfg["out"], name)):
+                    os.remove(os.path.join(cfg["out"], name))
         if not ckpt:
             write_json(cfg, os.path.join(cfg["out"], "config.json"))
             write_atomic(os.path.join(cfg["out"], "split.json"), lambda tmp: data.save_split(split, tmp))
@@ -1015,7 +1016,8 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
     threshold: confidence below which a pseudo-labelled pixel is ignored (a float, or per class: pseudo_label).
     alignment: a DistributionAlignment of the pseudo-labels, updated with this step's predictions (None: none).
     dice: CE + soft Dice for the labeled term (cross_consistency_loss).
-    Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground}.
+    Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground,
+    "kept": fraction of them that the threshold keeps}.
     """
     b = xl.shape[0]
     with autocast(xl.device):
@@ -1032,8 +1034,11 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    fg = sup.new_zeros(()) if y1 is None else ((y1 > 0).float().mean() + (y2 > 0).float().mean()) / 2
-    return {"loss": loss.detach(), "sup": sup.detach(), "unsup": unsup.detach(), "fg": fg}
+    fg = kept = sup.new_zeros(())
+    if y1 is not None:
+        fg = ((y1 > 0).float().mean() + (y2 > 0).float().mean()) / 2
+        kept = ((y1 != IGNORE).float().mean() + (y2 != IGNORE).float().mean()) / 2
+    return {"loss": loss.detach(), "sup": sup.detach(), "unsup": unsup.detach(), "fg": fg, "kept": kept}
 
 
 @torch.no_grad()
@@ -1088,16 +1093,29 @@ def validate(model, x_val, m_val, cfg):
 
 
 @contextlib.contextmanager
+def batchnorm_restored(model):
+    """Yields model's BatchNorm layers; when the block ends, each gets its running statistics and momentum back, so
+    that training goes on as if the block had never run."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
+    saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in layers]
+    try:
+        yield layers
+    finally:
+        for m, (momentum, buffers) in zip(layers, saved):
+            m.momentum = momentum
+            for k, v in m.named_buffers():
+                v.copy_(buffers[k])
+
+
+@contextlib.contextmanager
 def recomputed_bn(model, x, batch_size, seed, limit):
     """Inside the block, every BatchNorm of model holds the mean over batches of x (N, 1, H, W) of each batch's
     statistics (precise BatchNorm, Wu & Johnson 2021), the weights as they are; on exit its running statistics
     are put back, so training goes on as if nothing happened. The batches are a shuffle of at most `limit` slices
     drawn by seed; every process draws the same ones, so synchronised BatchNorm agrees."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
-    saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in layers]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit].to(x.device)
     was_training = model.training
-    try:
+    with batchnorm_restored(model) as layers:
         for m in layers:
             m.reset_running_stats()
             m.momentum = None                                          # a cumulative mean over the batches
@@ -1107,11 +1125,44 @@ def recomputed_bn(model, x, batch_size, seed, limit):
                 model(x[i])
         model.train(was_training)
         yield model
-    finally:
-        for m, (momentum, buffers) in zip(layers, saved):
-            m.momentum = momentum
-            for k, v in m.named_buffers():
-                v.copy_(buffers[k])
+
+
+@torch.no_grad()
+def pseudo_label_quality(model, x_v, m_v, cfg, threshold, g):
+    """Eq. 3's pseudo-labels made on the labeled validation slices as on unlabeled ones (a weak view by generator g,
+    BatchNorm with batch statistics, the confidence threshold) and scored against their masks, for the log. Means
+    over both decoders of: pl_dice, the foreground Dice of the argmax (pooled over the slices); pl_dice_kept, the
+    same over the pixels the threshold keeps; pl_kept, the fraction it keeps; pl_fg_ratio, kept pseudo-labelled
+    foreground over true foreground (below 1: the pseudo-labels shrink the heart); and pl_disagree, the fraction of
+    pixels where the two decoders' argmax differ. BatchNorm's running statistics are put back afterwards."""
+    device = next(model.parameters()).device
+    xw, mw = augment_geometry(to_device(x_v, device), m_v.to(device), g)
+    with batchnorm_restored(model), autocast(device):
+        pairs = [model(x) for x in xw.split(cfg["unlabeled_batch"] or cfg["batch_size"])]
+    scores, argmax = [], []
+    for d in range(2):
+        confidence, y = torch.cat([pair[d] for pair in pairs]).float().softmax(1).max(1)   # (N, H, W) each
+        keep = confidence >= (threshold[y] if torch.is_tensor(threshold) else threshold)
+        fg = (mw > 0).sum().clamp(min=1)
+        scores.append([foreground_dice(y, mw, cfg["num_classes"]), foreground_dice(y, mw, cfg["num_classes"], keep),
+                       keep.float().mean(), ((y > 0) & keep).sum() / fg])
+        argmax.append(y)
+    means = torch.tensor(scores).mean(0).tolist()
+    names = ("pl_dice", "pl_dice_kept", "pl_kept", "pl_fg_ratio")
+    return dict(zip(names, (round(v, 4) for v in means)),
+                pl_disagree=round((argmax[0] != argmax[1]).float().mean().item(), 4))
+
+
+def foreground_dice(y, m, num_classes, where=None):
+    """Mean over the foreground classes of the Dice of label maps y and m (any shape), pooled over their pixels or
+    those where `where` is True; a class absent from both counts 1 (metrics.dice's convention)."""
+    where = torch.ones_like(y, dtype=torch.bool) if where is None else where
+    dice = []
+    for c in range(1, num_classes):
+        a, b = (y == c) & where, (m == c) & where
+        total = a.sum() + b.sum()
+        dice.append(1.0 if total == 0 else (2 * (a & b).sum() / total).item())
+    return float(np.mean(dice))
 
 
 def judge(model, x_v, m_v, x_train, cfg):
@@ -1230,12 +1281,15 @@ def finetune(cfg, given=()):
             progress.update(meter, b if xu is None else b + bu)
         images_per_s = (progress.images - seen) / (time.time() - t0)          # the training steps alone
         val_dice, state, fields = judge(judged, x_v, m_v, x_train, cfg)     # every process: --sync-bn
+        fields.update(pseudo_label_quality(model, x_v, m_v, cfg, threshold,
+                                           generators(cfg["seed"], epoch, device, stream=2)[1]))
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
                       images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"],
                       **({"align": alignment.factors()} if alignment else {}))
-        files = {"best.pt": {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}} \
-            if val_dice > best else {}
+        judged_ckpt = {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}
+        files = dict({"best.pt": judged_ckpt} if val_dice > best else {},
+                     **{"final.pt": judged_ckpt} if epoch + 1 == cfg["epochs"] else {})
         best = max(best, val_dice)
         log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
             "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
@@ -1306,9 +1360,10 @@ RUN_KEYS = ("depth", "width", "size", "spacing", "num_classes", "class_names", "
             "same_decoders")
 
 
-def load_run(run, device):
-    """(training config, IDEALSegmenter with the run's best.pt weights on device), from the run folder alone."""
-    path = os.path.join(run, "best.pt")
+def load_run(run, device, checkpoint="best"):
+    """(training config, IDEALSegmenter with the run's best.pt (or final.pt) weights on device), from the run folder
+    alone."""
+    path = os.path.join(run, f"{checkpoint}.pt")
     ckpt = load_checkpoint(path, ("model", "config"))
     run_cfg = ckpt["config"]
     missing = [k for k in RUN_KEYS if not isinstance(run_cfg, dict) or k not in run_cfg]
@@ -1360,14 +1415,14 @@ def eval_setup(cfg, run_cfg):
         if vol.label.max() >= run_cfg["num_classes"]:
             raise data.DataError(f"{vol.path}: the ground truth of this image holds class {vol.label.max()}, the "
                                  f"run predicts 0-{run_cfg['num_classes'] - 1}; pass --label-map")
-    return root, layout, chosen, os.path.join(cfg["run"], folder)
+    return root, layout, chosen, os.path.join(cfg["run"], folder + ("-final" if cfg["checkpoint"] == "final" else ""))
 
 
 def evaluate_run(cfg):
     """Predict every slice of each volume, map back to the native grid; per volume and class DSC/ASD/HD/HD95 in mm
     and the structure's volume in ml (metrics.csv, summary.json); for ACDC patients with ED and ES frames the
     clinical indices (clinical.csv, summary.json "clinical")."""
-    run_cfg, model = load_run(cfg["run"], cfg["device"])
+    run_cfg, model = load_run(cfg["run"], cfg["device"], cfg["checkpoint"])
     root, layout, volumes, out = eval_setup(cfg, run_cfg)
     for sub in ("", "pred", "png"):
         if not sub or cfg[f"save_{sub}"]:
@@ -1968,6 +2023,8 @@ def add_eval_options(p):
                    "results in RUN/eval-SPLIT (eval-SPLIT-FRAMES when --frames differs from the run's); all: every "
                    "labeled volume of --data, results in RUN/eval-<data folder name>-all")
     p.add_argument("--predict", choices=("mean", "d1", "d2"), help="decoders' prediction (default: the run's)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "final"), help="best.pt (best validation Dice) "
+                   "or final.pt (the last epoch's), results in RUN/eval-.../ or RUN/eval-...-final/")
     p.add_argument("--save-pred", action="store_true", help="write eval-SPLIT/pred/ID.nii.gz")
     p.add_argument("--save-png", action="store_true", help="write eval-SPLIT/png/ID.png overlays")
 

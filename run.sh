@@ -61,10 +61,12 @@ case $DATASET in
   own) FRACTIONS=${FRACTIONS:-10 100} ;;
   *) echo "run.sh: error: DATASET must be acdc, mmwhs or own, got '$DATASET'" >&2; exit 2 ;;
 esac
-OUT=${OUT:-runs/$BASE}
+FRAMES=${FRAMES:-ed}
+[[ $FRAMES =~ ^(ed|es|both)$ ]] || { echo "run.sh: error: FRAMES must be ed, es or both, got '$FRAMES'" >&2; exit 2; }
+OUT=${OUT:-runs/$BASE$([ "$FRAMES" = ed ] || echo "-$FRAMES")}
 read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_FLAGS:-}"
 read -r -a FINETUNE_EXTRA <<< "${FINETUNE_FLAGS:-}"
-COMMON=(--preset "$PRESET" "${DATA_FLAGS[@]}")
+COMMON=(--preset "$PRESET" --frames "$FRAMES" "${DATA_FLAGS[@]}")
 START=$(date +%s)
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
@@ -97,9 +99,9 @@ train() {
   say "$PY" ideal.py "$kind" --out "$dir" "${resume[@]}" "${COMMON[@]}" "$@"
 }
 
-pretrained() {  # LOSS -> encoder.pt of the pre-training with that loss (run once, seed 0)
-  train pretrain "$OUT/pretrain-$1" --loss "$1" "${PRETRAIN_EXTRA[@]}" >&2
-  echo "$OUT/pretrain-$1/encoder.pt"
+pretrained() {  # LOSS SEED -> encoder.pt of the pre-training with that loss and seed (a seed is the whole pipeline)
+  train pretrain "$OUT/pretrain-$1/seed$2" --loss "$1" --seed "$2" "${PRETRAIN_EXTRA[@]}" >&2
+  echo "$OUT/pretrain-$1/seed$2/encoder.pt"
 }
 
 bench() {  # time the training step and the metrics into results/, to be pasted into README.md
@@ -140,48 +142,49 @@ cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test spli
   shift
   train finetune "$dir" "$@"
   [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --save-png
+  [ -f "$dir/eval-test-final/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --checkpoint final
 }
 
 for row in $ROWS; do
   case $row in
-    ideal) init=(--pretrained "$(pretrained both)") ;;
-    supervised) init=(--no-pretrain --unlabeled-weight 0 --unlabeled-batch 0 --sup-loss ce) ;;
-    pretrained-supervised) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0
-                                 --sup-loss ce) ;;
-    global | local) init=(--pretrained "$(pretrained "$row")") ;;
-    same-decoders) init=(--pretrained "$(pretrained both)" --same-decoders) ;;
-    e0-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}") ;;
-    e1-joint-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward joint --schedule constant
+    ideal) enc=both; init=() ;;
+    supervised) enc=; init=(--no-pretrain --unlabeled-weight 0 --unlabeled-batch 0 --sup-loss ce) ;;
+    pretrained-supervised) enc=both; init=(--unlabeled-weight 0 --unlabeled-batch 0 --sup-loss ce) ;;
+    pretrained-dice-ce) enc=both; init=(--unlabeled-weight 0 --unlabeled-batch 0 --sup-loss dice-ce) ;;
+    global | local) enc=$row; init=() ;;
+    same-decoders) enc=both; init=(--same-decoders) ;;
+    e0-no-unlabeled) enc=both; init=("${E0[@]}") ;;
+    e1-joint-w0) enc=both; init=(--unlabeled-weight 0 --forward joint --schedule constant
                        --bn-stats running) ;;
-    e2-separate-w0) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
+    e2-separate-w0) enc=both; init=(--unlabeled-weight 0 --forward separate
                           --schedule constant --bn-stats running) ;;
-    e3-separate-w0-poly) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --forward separate
+    e3-separate-w0-poly) enc=both; init=(--unlabeled-weight 0 --forward separate
                                --schedule poly --bn-stats running) ;;
-    f1-separate-w0.1) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
+    f1-separate-w0.1) enc=both; init=(--unlabeled-weight 0.1 --rampup 1 --forward separate
                             --pseudo same --threshold 0 --background-threshold 0 --warmup 0 --schedule constant
                             --bn-stats running) ;;
-    f2-weak) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0.1 --rampup 1 --forward separate
+    f2-weak) enc=both; init=(--unlabeled-weight 0.1 --rampup 1 --forward separate
                    --pseudo weak --threshold 0 --background-threshold 0 --warmup 0 --schedule constant
                    --bn-stats running) ;;
-    f4-weak-t0.9-w1) init=(--pretrained "$(pretrained both)" "${F4[@]}") ;;
-    g1-ema0.99) init=(--pretrained "$(pretrained both)" "${F4[@]}" --ema 0.99) ;;
-    g2-ema0.99-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --ema 0.99) ;;
-    g3-60-epochs) init=(--pretrained "$(pretrained both)" "${F4[@]}" --epochs 60) ;;
-    g4-60-epochs-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --epochs 60) ;;
-    h1-threshold0.8) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.8 --background-threshold 0.8) ;;
-    h2-weight2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --unlabeled-weight 2) ;;
-    h3-warmup0.2) init=(--pretrained "$(pretrained both)" "${F4[@]}" --warmup 0.2) ;;
-    h4-threshold0.95) init=(--pretrained "$(pretrained both)" "${F4[@]}" --threshold 0.95
+    f4-weak-t0.9-w1) enc=both; init=("${F4[@]}") ;;
+    g1-ema0.99) enc=both; init=("${F4[@]}" --ema 0.99) ;;
+    g2-ema0.99-no-unlabeled) enc=both; init=("${E0[@]}" --ema 0.99) ;;
+    g3-60-epochs) enc=both; init=("${F4[@]}" --epochs 60) ;;
+    g4-60-epochs-no-unlabeled) enc=both; init=("${E0[@]}" --epochs 60) ;;
+    h1-threshold0.8) enc=both; init=("${F4[@]}" --threshold 0.8 --background-threshold 0.8) ;;
+    h2-weight2) enc=both; init=("${F4[@]}" --unlabeled-weight 2) ;;
+    h3-warmup0.2) enc=both; init=("${F4[@]}" --warmup 0.2) ;;
+    h4-threshold0.95) enc=both; init=("${F4[@]}" --threshold 0.95
                            --background-threshold 0.95) ;;
-    h5-bn-recomputed) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed) ;;
-    h6-bn-recomputed-no-unlabeled) init=(--pretrained "$(pretrained both)" "${E0[@]}" --bn-stats recomputed) ;;
-    i1-align) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed --align prior) ;;
-    i2-dice-ce) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed --sup-loss dice-ce) ;;
-    i3-background0.99) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed
+    h5-bn-recomputed) enc=both; init=("${F4[@]}" --bn-stats recomputed) ;;
+    h6-bn-recomputed-no-unlabeled) enc=both; init=("${E0[@]}" --bn-stats recomputed) ;;
+    i1-align) enc=both; init=("${F4[@]}" --bn-stats recomputed --align prior) ;;
+    i2-dice-ce) enc=both; init=("${F4[@]}" --bn-stats recomputed --sup-loss dice-ce) ;;
+    i3-background0.99) enc=both; init=("${F4[@]}" --bn-stats recomputed
                              --background-threshold 0.99) ;;
-    i4-background0.97) init=(--pretrained "$(pretrained both)" "${F4[@]}" --bn-stats recomputed
+    i4-background0.97) enc=both; init=("${F4[@]}" --bn-stats recomputed
                              --background-threshold 0.97) ;;
-    i5-dice-ce-no-unlabeled) init=(--pretrained "$(pretrained both)" --unlabeled-weight 0 --unlabeled-batch 0
+    i5-dice-ce-no-unlabeled) enc=both; init=(--unlabeled-weight 0 --unlabeled-batch 0
                                    --sup-loss dice-ce) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
@@ -192,14 +195,16 @@ for row in $ROWS; do
     fi
     for ((seed = 0; seed < SEEDS; seed++)); do
       dir=$OUT/$row/L$frac/seed$seed
+      settle $((JOBS - 1))  # first, so that a pre-training started here shares the cores with JOBS - 1 others
+      encoder=()
+      [ -n "$enc" ] && encoder=(--pretrained "$(pretrained "$enc" "$seed")")
       if [ "$JOBS" = 1 ]; then
-        cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}"
+        cell "$dir" --labeled "$frac" --seed "$seed" "${encoder[@]}" "${init[@]}" "${FINETUNE_EXTRA[@]}"
         continue
       fi
-      settle $((JOBS - 1))
       mkdir -p "$(dirname "$dir")"
       echo "+ $dir (log: $dir.log)" >&2
-      cell "$dir" --labeled "$frac" --seed "$seed" "${init[@]}" "${FINETUNE_EXTRA[@]}" > "$dir.log" 2>&1 &
+      cell "$dir" --labeled "$frac" --seed "$seed" "${encoder[@]}" "${init[@]}" "${FINETUNE_EXTRA[@]}" > "$dir.log" 2>&1 &
       running=$((running + 1))
     done
   done

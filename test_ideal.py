@@ -1376,6 +1376,52 @@ def test_recomputed_bn_changes_what_is_judged_and_nothing_that_is_trained(phanto
     assert all(not torch.equal(best[k], last[k]) for k in stats)
 
 
+def test_foreground_dice_by_hand():
+    y = torch.tensor([[0, 1, 1, 2], [3, 3, 0, 0]])
+    m = torch.tensor([[0, 1, 2, 2], [3, 0, 0, 0]])
+    # class 1: 2*1/(2+1); class 2: 2*1/(1+2); class 3: 2*1/(2+1)
+    assert ideal.foreground_dice(y, m, 4) == pytest.approx(2 / 3)
+    where = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    # class 1: 2*1/(1+1) = 1; class 2: 2*1/(1+1) = 1; class 3: 2*1/(1+1) = 1
+    assert ideal.foreground_dice(y, m, 4, where) == pytest.approx(1.0)
+    assert ideal.foreground_dice(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long), 4) == 1.0
+
+
+def test_pseudo_label_quality_scores_the_validation_slices_and_leaves_training_alone():
+    torch.manual_seed(0)
+    model = ideal.IDEALSegmenter(4, depth=10, width=8)
+    x, m = torch.rand(6, 1, 64, 64), torch.randint(0, 4, (6, 64, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    cfg = {"unlabeled_batch": 4, "batch_size": 4, "num_classes": 4}
+    everything = ideal.pseudo_label_quality(model, x, m, cfg, 0.0, torch.Generator().manual_seed(1))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and torch.equal(rng, torch.get_rng_state())
+    assert everything["pl_kept"] == 1.0 and everything["pl_dice_kept"] == everything["pl_dice"]
+    assert 0 <= everything["pl_dice"] <= 1 and 0 <= everything["pl_disagree"] <= 1 and everything["pl_fg_ratio"] > 0
+    sure = ideal.pseudo_label_quality(model, x, m, cfg, 0.99, torch.Generator().manual_seed(1))
+    assert sure["pl_kept"] < 1 and sure["pl_fg_ratio"] < everything["pl_fg_ratio"]
+    assert sure["pl_disagree"] == everything["pl_disagree"] and sure["pl_dice"] == everything["pl_dice"]
+
+
+def test_finetune_logs_pseudo_label_quality_and_keeps_the_final_epoch(phantom, pretrained, tmp_path):
+    """log.jsonl holds the pseudo-label diagnostics every epoch; final.pt is the last epoch's judged network, which
+    eval --checkpoint final scores into eval-test-final."""
+    out = tmp_path / "run"
+    assert ideal.main(["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"),
+                       "--labeled", "20", "--epochs", "2", "--steps-per-epoch", "3", "--out", str(out), *TINY]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for record in log:
+        assert {"pl_dice", "pl_dice_kept", "pl_kept", "pl_fg_ratio", "pl_disagree", "kept"} <= set(record)
+        assert 0 <= record["kept"] <= 1 and 0 <= record["pl_kept"] <= 1
+    final = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
+    last = weights(out / "last.pt")
+    assert final["epoch"] == 2 and final["val_dice"] == pytest.approx(log[-1]["val_dice"], abs=1e-4)
+    assert all(torch.equal(final["model"][k], last[k]) for k in last if "running" not in k and "num_batches" not in k)
+    assert ideal.main(["eval", "--run", str(out), "--checkpoint", "final", "--quiet"]) == 0
+    assert json.loads((out / "eval-test-final" / "summary.json").read_text())["volumes"] == 4
+    assert not (out / "eval-test").exists()
+
+
 def test_ema_is_validated_kept_and_resumed(phantom, pretrained, tmp_path, monkeypatch):
     """--ema: best.pt holds the moving average of the weights and BatchNorm statistics, not the weights, and a run
     killed in epoch 2 and resumed ends with the same weights and average as a run straight through."""
@@ -1627,7 +1673,7 @@ def test_finetune_defaults_are_the_screened_ones_and_the_baselines_pin_labeled_c
         bn_stats="recomputed", unlabeled_weight=1.0, rampup=0.4)
     rows = (Path(ideal.__file__).parent / "run.sh").read_text()
     for row in ("supervised", "pretrained-supervised"):
-        line = re.search(rf"^    {row}\) init=\((.*?)\) ;;", rows, re.M | re.S).group(1)
+        line = re.search(rf"^    {row}\) enc=\w*; init=\((.*?)\) ;;", rows, re.M | re.S).group(1)
         assert "--sup-loss ce" in line, row
 
 
