@@ -21,6 +21,7 @@ Decisions (for the README's "Decisions and deviations"):
   value in the map becomes that class; any other raw value takes the layout's default (ACDC: 0-3 unchanged;
   MMWHS: 0 and the seven values above; own: unchanged if an integer 0-255). A raw value with neither is an error
   naming the file and the values. For ACDC and MMWHS a mapped class must be below the layout's class count.
+  An empty or blank map is an error (leave the option out for none).
 - ``frames``: ``ed`` (default) and ``es`` keep the patient id as volume id (``patient001``); ``both`` gives
   ``patient001_ED`` and ``patient001_ES``. Splits are made over cases (``Volume.case`` = patient id), so the two
   frames of a patient always share a split and a labeled/unlabeled status. Other layouts ignore ``frames``.
@@ -32,8 +33,10 @@ Decisions (for the README's "Decisions and deviations"):
 - Files are read in full: a gzipped file is decompressed to its end, so a CRC32 or length mismatch (one flipped byte)
   is an error instead of silently different voxels; a header claiming more voxels than the file holds is
   "truncated". Voxel sizes of the first 3 axes must be finite and positive as stored (nibabel would quietly turn
-  0 into 1 and -2 into 2), the affine finite. nibabel's own log lines and warnings never reach stderr.
-- Info.cfg ``ED:``/``ES:`` must be positive integers (digits only). ``synth`` writes only to a new or empty folder.
+  0 into 1 and -2 into 2) and within ``VOXEL_RANGE``, the affine finite, the voxel type one real number (RGB,
+  structured and complex types are errors). nibabel's own log lines and warnings never reach stderr.
+- Info.cfg ``ED:``/``ES:`` must be positive integers (digits only). ``synth`` writes only to a new or empty folder,
+  atomically: into a hidden sibling folder that is renamed into place at the end (removed if the write fails).
 - Spacing is the header's zooms (pixdim), in array axis order; ACDC's sform has unit scale, its pixdim is right.
 - Rounding is round-half-up, exact on the decimal percentage: ``labeled_count(p, n) = max(1, floor(p*n/100 + 1/2))``
   (ACDC 78 train: 1.25% -> 1, 2.5% -> 2, 10% -> 8, 100% -> 78; MMWHS 8 train: 10/20/40/100% -> 1/2/3/8).
@@ -60,6 +63,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import warnings
 import zlib
@@ -80,6 +84,7 @@ ACDC_VAL = ("patient011", "patient071")
 ACDC_GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")  # ACDC order: 001-020 DCM, ..., 081-100 RV
 SPLIT_KEYS = ("layout", "seed", "labeled_percent", "train", "val", "test", "labeled", "unlabeled")
 AFFINE_TOL = 1e-3
+VOXEL_RANGE = (1e-4, 1e4)  # mm: plausible voxel sizes; outside them a header is damaged (1e30 mm overflows volumes)
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
 
 
@@ -117,9 +122,12 @@ class Volume:
 
 
 def parse_label_map(text: str | None) -> dict[int, int] | None:
-    """``"1:3,3:1"`` -> ``{1: 3, 3: 1}`` (raw value -> class 0-255); None or blank -> None."""
-    if text is None or not text.strip():
+    """``"1:3,3:1"`` -> ``{1: 3, 3: 1}`` (raw value -> class 0-255); None -> None; empty or blank text is an
+    error (an option given with nothing in it is a mistake, not "no map")."""
+    if text is None:
         return None
+    if not text.strip():
+        raise DataError(f"--label-map must not be empty (got {text!r}); leave the option out for no remapping")
     mapping = {}
     for item in text.split(","):
         match = re.fullmatch(r"\s*(-?\d+)\s*:\s*(\d+)\s*", item)
@@ -180,8 +188,9 @@ def _file_bytes(path) -> bytes:
 
 def _nifti_image(raw: bytes, path) -> nib.Nifti1Image:
     """NIfTI-1/2 image from the bytes of a file; DataError naming ``path`` for no header, non-finite, zero or
-    negative voxel sizes (first 3 axes, read before nibabel 'fixes' them), a non-finite affine, or fewer data
-    bytes than the header claims."""
+    negative voxel sizes (first 3 axes, read before nibabel 'fixes' them) or ones outside VOXEL_RANGE, a
+    non-finite affine, a voxel type that is not one real number (RGB, structured, complex), or fewer data bytes
+    than the header claims."""
     klass = next((k for k in (nib.Nifti1Image, nib.Nifti2Image)
                   if k.header_class.may_contain_header(raw[:k.header_class.sizeof_hdr])), None)
     if klass is None:
@@ -191,9 +200,16 @@ def _nifti_image(raw: bytes, path) -> nib.Nifti1Image:
     if not np.all(np.isfinite(zooms) & (zooms > 0)):
         raise DataError(f"{path}: voxel sizes {', '.join(f'{z:g}' for z in zooms)} in the header must be finite "
                         "and positive")
+    odd = [f"{z:g}" for z in zooms if not VOXEL_RANGE[0] <= z <= VOXEL_RANGE[1]]
+    if odd:
+        raise DataError(f"{path}: voxel sizes {', '.join(odd)} mm in the header are outside the plausible range "
+                        f"{VOXEL_RANGE[0]:g}-{VOXEL_RANGE[1]:g} mm")
     img = klass.from_bytes(raw)
     if not np.isfinite(img.affine).all():
         raise DataError(f"{path}: the header's affine has non-finite values")
+    if img.get_data_dtype().kind not in "biuf":
+        raise DataError(f"{path}: structured/RGB or complex voxel type {img.get_data_dtype()} is not supported "
+                        "(one real number per voxel is needed)")
     proxy = img.dataobj
     need = proxy.offset + math.prod(proxy.shape) * proxy.dtype.itemsize
     if len(raw) < need:
@@ -554,7 +570,7 @@ def load_split(path, volumes=None) -> dict:
     """Read and validate a split JSON file (against ``volumes`` if given); DataError naming the file."""
     try:
         split = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, ints over 4300 digits
         raise DataError(f"{path}: unreadable split file ({' '.join(str(exc).split())[:160]})") from None
     _check_split(split, path, volumes)
     return split
@@ -775,17 +791,19 @@ def _phantom_case(rng, group: str) -> dict:
         gain=rng.uniform(200, 1500))
 
 
-def _phase(case: dict, phase: str) -> dict:
-    """Cavity radius, epicardial radius, LV length, RV scale, papillary (position, size) of ED or ES.
+def _phase(case: dict, phase: str | float) -> dict:
+    """Cavity radius, epicardial radius, LV length, RV scale, papillary (position, size) of ED, ES or a contraction
+    weight w in [0, 1] between them (0 = ED, 1 = ES; the scales go geometrically, so w = 1 is ES exactly).
 
     ES: cavity contracted, wall area kept by thickening, long axis shortened from the base.
     """
+    w = {"ED": 0.0, "ES": 1.0}.get(phase, phase)
     r, epi = case["r"], case["r"] + case["wall"]
-    if phase == "ED":
+    if w == 0:
         return dict(r=r, epi=epi, length=case["length"], rv=case["rv"], pap=(0.62, 0.17))
-    length, r_es = case["length"] * (1 - case["shorten"]), r * case["k_es"]
+    length, r_es = case["length"] * (1 - case["shorten"]) ** w, r * case["k_es"] ** w
     return dict(r=r_es, epi=np.sqrt(r_es ** 2 + (epi ** 2 - r ** 2) * case["length"] / length), length=length,
-                rv=case["rv"] * case["k_rv"], pap=(0.68, 0.25))
+                rv=case["rv"] * case["k_rv"] ** w, pap=(0.62 * (1 - w) + 0.68 * w, 0.17 * (1 - w) + 0.25 * w))
 
 
 def _radii(case: dict, ph: dict, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -856,8 +874,9 @@ def _tissue(case: dict, rng) -> np.ndarray:
     return image.astype(np.float32)
 
 
-def _render(case: dict, phase: str, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Clean image (X, Y, Z) float32 and ACDC labels (X, Y, Z) uint8 of one phase; papillary muscles are LV."""
+def _render(case: dict, phase: str | float, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clean image (X, Y, Z) float32 and ACDC labels (X, Y, Z) uint8 of one phase (``_phase``); papillary muscles
+    are LV."""
     ph, s = _phase(case, phase), case["spacing"][0]
     sl = _slices(case, ph)
     x = np.arange(case["shape"][0], dtype=np.float32)[:, None, None] * s
@@ -914,7 +933,9 @@ def write_phantom(out, n: int = 100, seed: int = 0) -> None:
     """Write ``n`` synthetic short-axis patients ``patient001``... in the ACDC layout under ``out``.
 
     Patient i uses ``default_rng([seed, i])`` (the same patient for any n) and ACDC's group order
-    (001-020 DCM, 021-040 HCM, 041-060 MINF, 061-080 NOR, 081-100 RV, then repeating).
+    (001-020 DCM, 021-040 HCM, 041-060 MINF, 061-080 NOR, 081-100 RV, then repeating). Atomic: written into a
+    hidden sibling ``.NAME.tmpPID`` that is renamed onto ``out`` at the end (an empty ``out`` folder is replaced)
+    and removed if anything fails, so ``out`` is never half-written (a SIGKILL can leave the hidden folder).
     """
     out = Path(out)
     if n < 1 or seed < 0:
@@ -923,8 +944,48 @@ def write_phantom(out, n: int = 100, seed: int = 0) -> None:
         raise DataError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise DataError(f"{out}: folder exists and is not empty; the phantom is only written to a new or empty folder")
-    for i in range(1, n + 1):
-        _write_patient(out / f"patient{i:03d}", np.random.default_rng([seed, i]), ACDC_GROUPS[(i - 1) // 20 % 5])
+    target = Path(os.path.abspath(out))
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")  # hidden sibling: same file system, so rename works
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for i in range(1, n + 1):
+            _write_patient(tmp / f"patient{i:03d}", np.random.default_rng([seed, i]), ACDC_GROUPS[(i - 1) // 20 % 5])
+        os.replace(tmp, target)  # rename(2) also replaces an empty folder; a non-empty one (a race) is an OSError
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_cine(path, frames: int = 12, seed: int = 0, group: str = "NOR") -> dict:
+    """Write a beating phantom cine: a 4D short-axis image (X, Y, Z, T) int16 at ``path`` and its ACDC labels
+    (1 RV, 2 MYO, 3 LV; uint8, same affine) as ``<name>_gt.nii.gz`` beside it.
+
+    One phantom heart of ``group`` from ``default_rng(seed)`` (anatomy and surroundings fixed, new noise per frame)
+    contracts with the weight w(t) = (1 - cos(2 pi t / T)) / 2 between its ED (w = 0) and ES (w = 1) shapes:
+    ED is frame 0, ES frame T // 2 (frames t and T - t are equal; for odd T the two around T / 2 tie).
+    Returns the true volumes counted in the labels (ml = voxels x product of voxel sizes in mm / 1000):
+    ``{"lv_ml": [...], "rv_ml": [...], "myo_ml": [...], "ed": frame of largest LV, "es": frame of smallest LV}``
+    (0-based frames; ties -> the first).
+    """
+    if frames < 2 or seed < 0 or group not in ACDC_GROUPS:
+        raise DataError(f"{path}: need frames >= 2, seed >= 0 and a group of {', '.join(ACDC_GROUPS)}, got "
+                        f"frames={frames}, seed={seed}, group={group!r}")
+    rng = np.random.default_rng(seed)
+    case = _phantom_case(rng, group)
+    tissue = _tissue(case, rng)
+    images, labels = [], []
+    for t in range(frames):
+        clean, label = _render(case, 0.5 * (1 - math.cos(2 * math.pi * t / frames)), tissue)
+        images.append(_acquire(case, clean, rng))
+        labels.append(label)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_nifti(np.stack(images, -1), case["spacing"], path)
+    _save_nifti(np.stack(labels, -1), case["spacing"], path.with_name(f"{_stem(path)}_gt.nii.gz"))
+    voxel = math.prod(np.float32(case["spacing"]).tolist())  # mm^3 of the zooms as the header stores them
+    volumes = {f"{name}_ml": [int(np.count_nonzero(lab == c)) * voxel / 1000 for lab in labels]
+               for c, name in ((3, "lv"), (1, "rv"), (2, "myo"))}
+    lv = volumes["lv_ml"]
+    return {**volumes, "ed": int(np.argmax(lv)), "es": int(np.argmin(lv))}
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

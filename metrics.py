@@ -3,7 +3,8 @@
 Convention: medpy 0.5.2 (``medpy.metric.binary`` with ``connectivity=1``), value for value.
 
 - A mask is a boolean (or 0/1) array of any ndim >= 1. Spacing is the voxel size in mm along each
-  array axis, in array axis order (for NIfTI: the header zooms), default 1.0 everywhere.
+  array axis, in array axis order (for NIfTI: the header zooms), default 1.0 everywhere; each
+  value must lie in SPACING_RANGE (1e-4 to 1e4 mm).
 - surface(A) = A XOR erosion(A), eroding with the face-connected cross (the connectivity-1
   structuring element: 2 neighbours in 1D, 4 in 2D, 6 in 3D), space outside the array counting
   as background. Foreground voxels on the array edge are therefore surface.
@@ -57,6 +58,7 @@ import numpy as np
 METRICS = ("dsc", "assd", "hd", "hd95")
 AFFINE_TOL = 1e-3  # largest difference (mm, or unitless direction cosine) accepted between PRED's and GT's pose
 LABEL_MAX = 2**31 - 1  # --labels range: 0..LABEL_MAX
+SPACING_RANGE = (1e-4, 1e4)  # mm: plausible voxel sizes; beyond them distances overflow or a header is damaged
 BALL_SIZE = 4096  # offsets probed around each surface voxel before the brute-force fallback
 BLOCK_ELEMENTS = 1 << 21  # largest temporary array in elements: 16 MiB of float64 or int64
 LEAF_SIZE = 256  # far queries per group sharing one set of candidate targets
@@ -91,7 +93,7 @@ def _as_labels(x, name):
 
 
 def _as_spacing(spacing, ndim):
-    """Spacing as a (ndim,) float64 array of finite positive values; None means all 1.0."""
+    """Spacing as a (ndim,) float64 array of finite positive values within SPACING_RANGE; None means all 1.0."""
     if spacing is None:
         return np.ones(ndim)
     try:
@@ -102,6 +104,9 @@ def _as_spacing(spacing, ndim):
         raise ValueError(f"spacing needs one number per array axis ({ndim}), got {spacing!r}")
     if not np.all(np.isfinite(s) & (s > 0)):
         raise ValueError(f"spacing must be finite and positive, got {spacing!r}")
+    if not np.all((s >= SPACING_RANGE[0]) & (s <= SPACING_RANGE[1])):
+        raise ValueError(f"spacing {', '.join(f'{v:g}' for v in s)} mm is outside the plausible range "
+                         f"{SPACING_RANGE[0]:g}-{SPACING_RANGE[1]:g} mm")
     return s
 
 
@@ -704,7 +709,8 @@ def _quiet_nibabel():
 
 def _read_image(path):
     """nibabel NIfTI-1/2 image of a file read in full (gzip: CRC32 and length checked); ValueError for no header,
-    non-finite, zero or negative voxel sizes (first 3 axes, as stored), a non-finite affine or missing data bytes."""
+    non-finite, zero or negative voxel sizes (first 3 axes, as stored) or ones outside SPACING_RANGE, a non-finite
+    affine or missing data bytes."""
     import nibabel as nib
 
     with open(path, "rb") as f:
@@ -719,6 +725,10 @@ def _read_image(path):
     zooms = stored["pixdim"][1 : 1 + min(3, max(int(stored["dim"][0]), 1))]
     if not np.all(np.isfinite(zooms) & (zooms > 0)):
         raise ValueError(f"voxel sizes {', '.join(f'{z:g}' for z in zooms)} must be finite and positive")
+    odd = [f"{z:g}" for z in zooms if not SPACING_RANGE[0] <= z <= SPACING_RANGE[1]]
+    if odd:
+        raise ValueError(f"voxel sizes {', '.join(odd)} mm are outside the plausible range "
+                         f"{SPACING_RANGE[0]:g}-{SPACING_RANGE[1]:g} mm")
     image = klass.from_bytes(raw)
     proxy = image.dataobj
     if len(raw) < proxy.offset + math.prod(proxy.shape) * proxy.dtype.itemsize:
