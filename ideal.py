@@ -7,60 +7,52 @@ Reference implementation of Basak et al., ICASSP 2023 (paper Fig. 2):
                      (+ GAP+MLP GlobalHead -> global InfoNCE, Eq. 1)
   (b) fine-tuning    x -> E -> D(theta1) (ConvTranspose U-Net decoder) -> p1 -> y1
                              -> D(theta2) (bilinear U-Net decoder)      -> p2 -> y2
-                     cross-consistency loss (Eq. 3): CE(p, m) on labeled, CE(p1, y2) + CE(p2, y1) on unlabeled
+                     Eq. 3: CE + soft Dice of p1 and p2 against the mask on labeled slices,
+                     CE(p1, y2) + CE(p2, y1) on unlabeled ones (pseudo-labels of a weak view, confident pixels)
 
     python ideal.py pretrain --data DIR --out RUN_P
     python ideal.py finetune --data DIR --out RUN_F --pretrained RUN_P/encoder.pt --labeled 1.25
-    python ideal.py eval --run RUN_F [--save-pred --save-png]
-    python ideal.py bench
+    python ideal.py eval --run RUN_F
+    python ideal.py predict --run RUN_F --input SCANS --out SEG
 
 Without --data the synthetic phantom of data.py is written once to cache/phantom and used.
 """
-import argparse
-import contextlib
-import csv
-import fcntl
-import functools
-import glob
-import json
 import math
-import os
-import re
-import shutil
-import struct
-import sys
-import time
-import warnings
-import zlib
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-import data
-import metrics
+# ==========================================================================================================
+# THE METHOD: from the imports above down to "END OF THE METHOD", this block uses nothing but PyTorch and runs
+# when pasted alone into another file (tested). Everything below it is the program around it.
+# ==========================================================================================================
+# ----------------------------------------------------------------------------------------------------------
+# Processes: Eq. 1 and Eq. 2 take negatives from every torchrun process (in one process these are no-ops)
+# ----------------------------------------------------------------------------------------------------------
+def world():
+    """Number of torchrun processes (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PHANTOM_DIR = os.path.join(HERE, "cache", "phantom")
 
-# Every value can be overridden by the flag of the same name (--lr and --epochs set the sub-command's own).
-# demo: the cpu model on a schedule of minutes, for the embedded run.sh on the synthetic phantom.
-# lr 1e-5 is the paper's; the cpu preset uses 1e-3 / 3e-3 because its budget is minutes, not GPU-days
-# (README, "Decisions and deviations").
-PRESETS = {
-    "paper": dict(depth=50, width=64, size=192, spacing=1.367, batch_size=32, proj_dim=128, steps_per_epoch=100,
-                  pretrain_lr=1e-5, finetune_lr=1e-5, pretrain_epochs=100, finetune_epochs=100),
-    "cpu": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=16, proj_dim=64, steps_per_epoch=50,
-                pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=100, finetune_epochs=30),
-    "demo": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=16, proj_dim=64, steps_per_epoch=10,
-                 pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=15, finetune_epochs=4),
-}
-ARCH_KEYS = ("depth", "width", "size", "spacing")
+def rank():
+    """This process's rank (0 without torchrun); only rank 0 writes files and prints."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather(x):
+    """x (B, ...) of every rank concatenated in rank order (W B, ...); x itself in one process. Differentiable
+    when x requires grad: the gradient of each rank's part flows back to the rank that made it."""
+    if world() == 1:
+        return x
+    if x.requires_grad:                              # the gradient of the whole is summed back onto each part
+        all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+        return all_gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)          # torch >= 2.13, else >= 2.4
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,10 +99,10 @@ class ResNetEncoder(nn.Module):
     """E: a 1-channel ResNet returning the stride 2, 4, 8, 16 and 32 feature maps (the U-Net skips).
 
     depth: 10/18/34 (basic blocks) or 50/101 (bottlenecks; the paper uses 50)
-    width: channels of the stem and of the first stage (default: 64, as torchvision's ResNet)
+    width: channels of the stem and of the first stage (64 in torchvision's ResNets)
     """
 
-    def __init__(self, depth=50, width=64):
+    def __init__(self, depth, width):
         super().__init__()
         if depth not in RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNETS)}, got {depth}")
@@ -142,7 +134,7 @@ class ResNetEncoder(nn.Module):
 class GlobalHead(nn.Module):
     """Global projection of Eq. 1 (Chaitanya et al., SimCLR): GAP + MLP -> (B, dim)."""
 
-    def __init__(self, cin, dim=128):
+    def __init__(self, cin, dim):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(cin, cin), nn.ReLU(inplace=True), nn.Linear(cin, dim))
 
@@ -153,7 +145,7 @@ class GlobalHead(nn.Module):
 class DenseHead(nn.Module):
     """G: the paper's dense projection head, a single 1x1 convolution -> (B, dim, h, w)."""
 
-    def __init__(self, cin, dim=128):
+    def __init__(self, cin, dim):
         super().__init__()
         self.proj = nn.Conv2d(cin, dim, 1)
 
@@ -164,7 +156,7 @@ class DenseHead(nn.Module):
 class PretrainNet(nn.Module):
     """Fig. 2a: E followed by the dense head G (and the global head for Eq. 1)."""
 
-    def __init__(self, depth=50, width=64, proj_dim=128):
+    def __init__(self, depth, width, proj_dim):
         super().__init__()
         self.encoder = ResNetEncoder(depth, width)
         self.global_head = GlobalHead(self.encoder.channels[-1], proj_dim)
@@ -176,7 +168,7 @@ class PretrainNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Views with known geometry (on the training device, batched)
+# Views: with known geometry for pre-training (Eq. 2's correspondence), weak and strong for fine-tuning
 # ----------------------------------------------------------------------------------------------------------
 def random_affine(n, g, device, scale=(0.7, 1.0), rotate=math.pi / 6, shift=None):
     """Random affines theta (n, 2, 3) in normalised coordinates, view -> image (F.affine_grid's convention).
@@ -251,16 +243,37 @@ def align(k, theta_q, theta_k):
     return k, valid
 
 
+def augment_geometry(x, m, g):
+    """Joint geometric augmentation for fine-tuning: x (B, 1, H, W) bilinear, m (B, H, W) nearest (or None).
+
+    Zoom 0.7-1.3, any rotation, flip, shift up to 1/8 of the side: with one labeled volume this generalises far
+    better than light augmentation (README, "Decisions").
+    """
+    theta = random_affine(x.shape[0], g, x.device, scale=(0.7, 1.3), rotate=math.pi, shift=0.25)
+    return warp(x, theta), None if m is None else warp(m[:, None].float(), theta, mode="nearest")[:, 0].long()
+
+
+def augment_intensity(x, g):
+    """Strong intensity augmentation for fine-tuning: gamma, contrast, brightness and noise."""
+    return jitter_intensity(x, g, gamma=(0.6, 1.6), contrast=(0.7, 1.3), brightness=0.1, noise=0.05)
+
+
+def augment_pair(x, m, g):
+    """The fine-tuning augmentation, geometry then intensity: (x, m) -> (view, mask of the view or None)."""
+    x, m = augment_geometry(x, m, g)
+    return augment_intensity(x, g), m
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------------------
-def global_infonce(q, k, tau=0.1):
+def global_infonce(q, k, tau):
     """Eq. 1, symmetric (NT-Xent): global InfoNCE over a batch of view pairs.
 
     q, k: (B, D) projections of the two views of B images (normalised here).
     Positive of q_b is k_b; negatives are the 2B - 2 views of the other images, of the whole global batch under
     torchrun (gathered from every rank: 2 W B - 2).
-    tau: softmax temperature (default: 0.1).
+    tau: softmax temperature (the runs': DEFAULTS).
     """
     b = q.shape[0]
     q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
@@ -273,7 +286,7 @@ def global_infonce(q, k, tau=0.1):
     return F.cross_entropy(logits, torch.cat([own + n, own]))
 
 
-def local_infonce(q, k, valid, tau=0.1, negatives="same"):
+def local_infonce(q, k, valid, tau, negatives):
     """Eq. 2: dense local InfoNCE over exactly corresponding locations.
 
     q: (B, C, h, w) L2-normalised query map; k: (B, C, h, w) L2-normalised key map aligned to q's grid;
@@ -284,7 +297,7 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     maps. Other images: of the whole global batch under torchrun (key maps gathered from every rank).
     Negatives that are not valid are left out; the loss is averaged over valid query locations (under torchrun
     divided by the global batch's count per rank, so that the mean over ranks is the loss of the global batch).
-    tau: softmax temperature (default: 0.1).
+    tau: softmax temperature (the runs': DEFAULTS).
     """
     if q.dim() == 4:
         q, k, valid = q[:, None], k[:, None], valid[:, None]
@@ -312,7 +325,7 @@ def local_infonce(q, k, valid, tau=0.1, negatives="same"):
     return ((loss * valid).sum((0, 2)) / count).mean()
 
 
-def pretrain_loss(model, views, thetas, loss="both", tau=0.1, lambda_loc=1.0, negatives="same"):
+def pretrain_loss(model, views, thetas, loss, tau, lambda_loc, negatives):
     """L = L_g + lambda_loc * L_loc, with both directions of Eq. 2 (q -> k and k -> q).
 
     views: (2B, 1, H, W), the query views of B images then their key views, one batch through the model;
@@ -390,7 +403,7 @@ class UNetDecoder(nn.Module):
 class IDEALSegmenter(nn.Module):
     """Fig. 2b: the shared encoder E(theta) and two decoders D(theta1) (transpose) and D(theta2) (bilinear)."""
 
-    def __init__(self, num_classes, depth=50, width=64, same_decoders=False):
+    def __init__(self, num_classes, depth, width, same_decoders=False):
         super().__init__()
         self.encoder = ResNetEncoder(depth, width)
         self.d1 = UNetDecoder(self.encoder.channels, num_classes, "transpose")
@@ -410,57 +423,13 @@ IGNORE = -1                                          # pseudo-label of a pixel l
 
 
 @torch.no_grad()
-def pseudo_label(logits, threshold=0.0, alignment=None):
+def pseudo_label(logits, threshold):
     """y = one-hot argmax of softmax(logits) as class indices (B, H, W), detached: no gradient flows into it.
 
-    threshold: pixels whose top probability is below it get IGNORE (default: 0.0, every pixel is kept); a tensor
-    (C,) gives each class its own, applied by the class a pixel's argmax picks (class_thresholds).
-    alignment: a DistributionAlignment applied to the probabilities first (None: the softmax itself).
+    threshold: pixels whose top probability is below it get IGNORE (0: every pixel is kept).
     """
-    p = logits.detach().float().softmax(1)                                  # (B, C, H, W)
-    confidence, y = (p if alignment is None else alignment(p)).max(1)
-    return y.masked_fill(confidence < (threshold[y] if torch.is_tensor(threshold) else threshold), IGNORE)
-
-
-class DistributionAlignment(nn.Module):
-    """Distribution alignment of the pseudo-labels (Berthelot et al., ReMixMatch, ICLR 2020): probabilities are
-    multiplied by prior / mean and renormalised, where prior (C,) is the class distribution of the labeled slices'
-    pixels and mean (C,) a running average (momentum per step) of the predicted class distribution on unlabeled
-    batches, so that the argmax keeps the labeled class proportions instead of drifting towards background."""
-
-    def __init__(self, prior, momentum=0.99):
-        super().__init__()
-        self.momentum = momentum
-        self.register_buffer("prior", prior.float())                           # (C,)
-        self.register_buffer("mean", prior.float().clone())                    # (C,)
-
-    def forward(self, p):                            # p: (B, C, H, W) probabilities
-        q = p * (self.prior / self.mean).view(1, -1, 1, 1)
-        return q / q.sum(1, keepdim=True)
-
-    def factors(self):
-        """prior / mean per class, rounded for the log: above 1 where the predictions hold less than the prior."""
-        return [round(r, 3) for r in (self.prior / self.mean).tolist()]
-
-    @torch.no_grad()
-    def update(self, *logits):                       # each (B, C, H, W): the predictions that make pseudo-labels
-        batch = torch.stack([x.float().softmax(1).mean((0, 2, 3)) for x in logits]).mean(0)
-        self.mean.lerp_(gather(batch[None]).mean(0), 1 - self.momentum)       # the same on every rank
-
-
-def class_thresholds(cfg, device):
-    """(C,) thresholds: --background-threshold for class 0 and --threshold for the others, or --threshold for every
-    class in a run made before --background-threshold existed."""
-    if cfg.get("background_threshold") is None:
-        return cfg["threshold"]
-    return torch.tensor([cfg["background_threshold"]] + [cfg["threshold"]] * (cfg["num_classes"] - 1), device=device)
-
-
-def class_prior(masks, num_classes):
-    """Fraction of the pixels of masks (N, H, W) in each class (C,), at least 1e-4 so that no ratio divides by 0."""
-    counts = torch.bincount(masks.flatten(), minlength=num_classes).float()
-    prior = (counts / counts.sum()).clamp_min(1e-4)
-    return prior / prior.sum()
+    confidence, y = logits.detach().float().softmax(1).max(1)              # (B, H, W) each
+    return y.masked_fill(confidence < threshold, IGNORE)
 
 
 def soft_dice_loss(logits, mask):
@@ -472,8 +441,7 @@ def soft_dice_loss(logits, mask):
     return 1 - dice.mean()
 
 
-def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_unl, y1, y2, weight=1.0,
-                           dice=False):
+def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_unl, y1, y2, weight, dice):
     """Eq. 3: CE(p1, m) + CE(p2, m) on labeled slices, weight * (CE(p1, y2) + CE(p2, y1)) on unlabeled ones.
 
     logits*_lab: (B_l, C, H, W) of D(theta1)/D(theta2) on labeled slices; mask: (B_l, H, W) class indices.
@@ -492,20 +460,12 @@ def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_
     return sup + weight * unsup, sup, unsup
 
 
-def rampup(step, total, fraction=1.0, start=0.0):
-    """Sigmoid ramp-up exp(-5 (1 - t)^2) (Laine & Aila 2017): 0 before `start` x total steps, then
-    t = (step - start total) / (fraction total), 1 after that; fraction 0 jumps to 1 at the start."""
-    if step < start * total:
-        return 0.0
+def rampup(step, total, fraction):
+    """Sigmoid ramp-up exp(-5 (1 - t)^2) of the unlabeled weight (Laine & Aila 2017), t = step / (fraction total)
+    up to 1; fraction 0 is weight 1 from the first step."""
     if fraction <= 0:
         return 1.0
-    t = min((step - start * total) / (fraction * total), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-def learning_rate(base, step, total, schedule="constant"):
-    """The learning rate at `step` of `total`: constant, or poly decay base (1 - step/total)^0.9 (SSL4MIS)."""
-    return base if schedule == "constant" else base * (1.0 - step / total) ** 0.9
+    return math.exp(-5.0 * (1.0 - min(step / (fraction * total), 1.0)) ** 2)
 
 
 def predict(model, x, mode="mean"):
@@ -515,32 +475,70 @@ def predict(model, x, mode="mean"):
     return {"mean": (p1 + p2) / 2, "d1": p1, "d2": p2}[mode]
 
 
+# ==========================================================================================================
+# END OF THE METHOD. The program around it: defaults, run folders, training loops, eval, predict, report, bench.
+# ==========================================================================================================
+import argparse
+import contextlib
+import csv
+import functools
+import glob
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+import warnings
+import zipfile
+import zlib
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+import data
+import metrics
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults, each written once: argparse shows them, run.sh's rows pin only what differs, the README quotes this.
+# ----------------------------------------------------------------------------------------------------------
+PRESETS = {  # model, input and schedule by budget; the flag of the same name overrides any value
+    # the paper's ResNet-50 and Adam lr 1e-5; it gives no batch, input size or schedule: these are ours
+    "paper": dict(depth=50, width=64, size=192, spacing=1.367, batch_size=32, proj_dim=128, steps_per_epoch=100,
+                  pretrain_lr=1e-5, finetune_lr=1e-5, pretrain_epochs=100, finetune_epochs=100),
+    # ResNet-18 of width 16 at 128x128 (the paper's field of view): minutes per run on a laptop, where lr 1e-5
+    # would learn nothing
+    "cpu": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=16, proj_dim=64, steps_per_epoch=50,
+                pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=100, finetune_epochs=30),
+    # the cpu model on a schedule of minutes, for run.sh's synthetic phantom
+    "demo": dict(depth=18, width=16, size=128, spacing=2.05, batch_size=16, proj_dim=64, steps_per_epoch=10,
+                 pretrain_lr=1e-3, finetune_lr=3e-3, pretrain_epochs=15, finetune_epochs=4),
+}
+DEFAULTS = dict(           # the method's settings, the same for every preset
+    seed=0,                # weights, labeled subset and augmentation; run.sh's seed k also pre-trains encoder k
+    loss="both",           # pre-training loss L = L_g + lambda_loc L_loc (Eq. 1 + Eq. 2), the paper's
+    tau=0.1,               # temperature of Eq. 1 and Eq. 2, SimCLR's
+    lambda_loc=1.0,        # the paper weighs the two terms alike
+    negatives="same",      # Eq. 2 as written: the other images' keys at the same location
+    labeled=1.25,          # L, % of the training volumes labeled: one ACDC volume, the paper's hardest setting
+    sup_loss="dice-ce",    # labeled term: CE + soft Dice, which weighs the small RV as much as the background
+    unlabeled_weight=1.0,  # weight of Eq. 3's unlabeled term after the ramp-up; 0 is supervised fine-tuning
+    rampup=0.4,            # that weight ramps up (sigmoid) over the first 40 % of the steps (Laine & Aila 2017)
+    forward="separate",    # labeled and unlabeled batches in passes of their own: one shared pass broke BatchNorm
+    pseudo="weak",         # pseudo-labels from a weak view (geometry only), the loss on its strong view
+    threshold=0.9,         # pixels whose top probability is below it are left out of Eq. 3
+    predict="mean",        # prediction: the mean of the two decoders' probabilities
+)
+ARCH_KEYS = ("depth", "width", "size", "spacing")
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHANTOM_DIR = os.path.join(HERE, "cache", "phantom")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Run folders, checkpoints and processes
 # ----------------------------------------------------------------------------------------------------------
-def world():
-    """Number of torchrun processes (1 without torchrun)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank():
-    """This process's rank (0 without torchrun); only rank 0 writes files and prints."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def gather(x):
-    """x (B, ...) of every rank concatenated in rank order (W B, ...); x itself in one process. Differentiable
-    when x requires grad: the gradient of each rank's part flows back to the rank that made it."""
-    if world() == 1:
-        return x
-    if x.requires_grad:                              # the gradient of the whole is summed back onto each part
-        all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-        return all_gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)          # torch >= 2.13, else >= 2.4
-    parts = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 def init_distributed(device):
     """Process group from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE): nccl on CUDA (one GPU per rank,
     cuda:LOCAL_RANK), gloo on the CPU. Without torchrun nothing happens. Returns this process's device."""
@@ -662,6 +660,7 @@ def claimed(out):
     except OSError as e:
         raise data.DataError(f"{out}: cannot create the run folder there ({e.strerror or e})") from None
     try:
+        import fcntl                                 # Unix only, so imported where used
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
@@ -674,15 +673,10 @@ def claimed(out):
             shutil.rmtree(out)
 
 
-RESUME_NEW = ("data", "compile", "threads")                 # may change on resume, and the new value holds
+RESUME_NEW = ("data", "compile")                            # may change on resume, and the new value holds
 RESUME_FREE = ("out", "resume", "quiet", "device", "epochs", "pretrained", *RESUME_NEW)   # "pretrained": read at start
-
-
-def predated_options(stored):
-    """A fine-tuning run's stored options with those it was made before set to how it ran: no distribution
-    alignment, CE for the labeled term, and --threshold for background too; so the flags that pin them resume it."""
-    before = dict(align="none", sup_loss="ce", background_threshold=stored["threshold"])
-    return dict(stored, **{k: v for k, v in before.items() if stored.get(k) is None})
+DERIVED = ("world_size", "num_classes", "class_names")      # stored beside the options
+OLD_FORMAT = "7f27063"  # the last commit that resumes runs with the options retired since (--align, --ema, ...)
 
 
 def open_run(cfg, command, given):
@@ -702,7 +696,12 @@ def open_run(cfg, command, given):
     if not cfg["resume"]:
         raise data.DataError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     ckpt = load_checkpoint(last, ("model", "optimizer", "epoch", "config", "log"), command)
-    stored = predated_options(ckpt["config"]) if command == "finetune" else ckpt["config"]
+    stored = ckpt["config"]
+    other = sorted((set(stored) ^ set(cfg)) - set(DERIVED))
+    if other:
+        raise data.DataError(f"{last}: made by another version of ideal.py (options {', '.join(other)} differ); "
+                             f"resume it with that version (a run made before the retired options: git checkout "
+                             f"{OLD_FORMAT})")
     changed = [f"--{k.replace('_', '-')} {cfg[k]} (the run's: {stored.get(k)})" for k in sorted(given)
                if k not in RESUME_FREE and k in cfg and cfg[k] != stored.get(k)]
     if changed:
@@ -868,29 +867,26 @@ def parallel(model, cfg, device, find_unused=False):
 # Data for training
 # ----------------------------------------------------------------------------------------------------------
 def resolve_data(cfg):
-    """The data folder: --data, or the synthetic phantom written once to cache/phantom."""
+    """The data folder: --data, or the synthetic phantom written once to cache/phantom (atomically, so a killed run
+    never leaves half a phantom)."""
     if cfg["data"]:
         return cfg["data"]
-    if not os.path.isdir(PHANTOM_DIR):
-        note(cfg, f"no --data: writing the synthetic phantom to {PHANTOM_DIR} (not real data)")
-        tmp = f"{PHANTOM_DIR}.tmp{os.getpid()}"
-        try:
-            data.write_phantom(tmp, n=100, seed=0)
-            os.replace(tmp, PHANTOM_DIR)             # a killed run never leaves half a phantom
-        except OSError as e:                         # unless another process has just written the same phantom
-            if not os.path.isdir(PHANTOM_DIR):
-                raise data.DataError(f"{PHANTOM_DIR}: cannot write the synthetic phantom ({e.strerror or e})") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    if os.path.isdir(PHANTOM_DIR):
         note(cfg, f"no --data: using the synthetic phantom in {PHANTOM_DIR} (not real data)")
+        return PHANTOM_DIR
+    note(cfg, f"no --data: writing the synthetic phantom to {PHANTOM_DIR} (not real data)")
+    try:
+        data.write_phantom(PHANTOM_DIR, n=100, seed=0)
+    except (OSError, data.DataError) as e:           # fine if another process has just written the same phantom
+        if not os.path.isdir(PHANTOM_DIR):
+            raise data.DataError(f"{PHANTOM_DIR}: cannot write the synthetic phantom ({e})") from None
     return PHANTOM_DIR
 
 
 def load_split_volumes(cfg):
     """Read the volumes and the split: the run's own split.json when resuming, --split FILE, or a new one."""
     layout, volumes = data.load_volumes(resolve_data(cfg), cfg["layout"], cfg["frames"], cfg["label_map"])
-    split_file = os.path.join(cfg["out"], "split.json") if cfg["resume"] else cfg.get("split")
+    split_file = os.path.join(cfg["out"], "split.json") if cfg["resume"] else cfg.get("split_file")
     if split_file:
         return layout, volumes, data.load_split(split_file, volumes)
     return layout, volumes, data.make_split(volumes, layout, cfg.get("labeled", 100.0), cfg["seed"])
@@ -950,7 +946,7 @@ def pretrain(cfg, given=()):
     return model
 
 
-def pretrain_step(model, opt, x, g, loss="both", tau=0.1, lambda_loc=1.0, negatives="same"):
+def pretrain_step(model, opt, x, g, loss, tau, lambda_loc, negatives):
     """One step: two views -> forward -> L_g + lambda_loc * L_loc -> backward -> Adam.
 
     x: (B, 1, H, W) slices; g: the device generator of the views; the rest as pretrain_loss.
@@ -967,27 +963,6 @@ def pretrain_step(model, opt, x, g, loss="both", tau=0.1, lambda_loc=1.0, negati
 # ----------------------------------------------------------------------------------------------------------
 # finetune
 # ----------------------------------------------------------------------------------------------------------
-def augment_geometry(x, m, g):
-    """Joint geometric augmentation for fine-tuning: x (B, 1, H, W) bilinear, m (B, H, W) nearest (or None).
-
-    Zoom 0.7-1.3, any rotation, flip, shift up to 1/8 of the side: with one labeled volume this generalises far
-    better than light augmentation (README, "Decisions").
-    """
-    theta = random_affine(x.shape[0], g, x.device, scale=(0.7, 1.3), rotate=math.pi, shift=0.25)
-    return warp(x, theta), None if m is None else warp(m[:, None].float(), theta, mode="nearest")[:, 0].long()
-
-
-def augment_intensity(x, g):
-    """Strong intensity augmentation for fine-tuning: gamma, contrast, brightness and noise."""
-    return jitter_intensity(x, g, gamma=(0.6, 1.6), contrast=(0.7, 1.3), brightness=0.1, noise=0.05)
-
-
-def augment_pair(x, m, g):
-    """The fine-tuning augmentation, geometry then intensity: (x, m) -> (view, mask of the view or None)."""
-    x, m = augment_geometry(x, m, g)
-    return augment_intensity(x, g), m
-
-
 def read_pretrained(cfg):
     """The state of E in a pre-training run's encoder.pt, after checking that its architecture is this run's."""
     ckpt = load_checkpoint(cfg["pretrained"], ("encoder", "config"))
@@ -1006,15 +981,13 @@ def load_encoder(encoder, state, path):
     load_state(encoder, state, path)
 
 
-def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="separate", threshold=0.0,
-                  alignment=None, dice=False):
+def finetune_step(model, opt, xl, ml, xu, xw, weight, forward, threshold, dice):
     """One step of Eq. 3 on a labeled batch (xl, ml) and an unlabeled batch xu (None: supervised only).
 
     forward: "joint", one pass over cat(xl, xu), so BatchNorm normalises both with the statistics of the mix;
     "separate", one pass each, so the labeled loss sees labeled statistics only.
     xw: a weak view of xu with the same geometry that makes the pseudo-labels (None: xu's own predictions).
-    threshold: confidence below which a pseudo-labelled pixel is ignored (a float, or per class: pseudo_label).
-    alignment: a DistributionAlignment of the pseudo-labels, updated with this step's predictions (None: none).
+    threshold: confidence below which a pseudo-labelled pixel is ignored.
     dice: CE + soft Dice for the labeled term (cross_consistency_loss).
     Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground,
     "kept": fraction of them that the threshold keeps}.
@@ -1028,8 +1001,9 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
             (lab1, unl1), (lab2, unl2) = out1.split([b, len(xu)]), out2.split([b, len(xu)])
         else:
             (lab1, lab2), (unl1, unl2) = model(xl, xu)
-        y1, y2 = weak_pseudo_labels(model, xw, threshold, alignment) if xw is not None else (
-            pseudo_labels(unl1, unl2, threshold, alignment) if unl1 is not None else (None, None))
+        y1 = y2 = None
+        if xu is not None:                                                  # from the weak view, or xu's own
+            y1, y2 = (pseudo_label(z, threshold) for z in (weak_logits(model, xw) if xw is not None else (unl1, unl2)))
         loss, sup, unsup = cross_consistency_loss(lab1, lab2, ml, unl1, unl2, y1, y2, weight, dice)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -1042,17 +1016,9 @@ def finetune_step(model, opt, xl, ml, xu=None, xw=None, weight=0.0, forward="sep
 
 
 @torch.no_grad()
-def pseudo_labels(logits1, logits2, threshold, alignment=None):
-    """Both decoders' pseudo-labels (y1, y2), after updating alignment (if any) with both decoders' predictions."""
-    if alignment is not None:
-        alignment.update(logits1, logits2)
-    return pseudo_label(logits1, threshold, alignment), pseudo_label(logits2, threshold, alignment)
-
-
-@torch.no_grad()
-def weak_pseudo_labels(model, xw, threshold, alignment=None):
-    """Both decoders' pseudo-labels (y1, y2) on the weak view xw (B_u, 1, H, W), without gradient."""
-    return pseudo_labels(*model(xw), threshold, alignment)
+def weak_logits(model, xw):
+    """Both decoders' logits on the weak views xw (B_u, 1, H, W), made without gradient (they make pseudo-labels)."""
+    return model(xw)
 
 
 def labeled_views(x_l, m_l, n, g_cpu, g_dev):
@@ -1061,7 +1027,7 @@ def labeled_views(x_l, m_l, n, g_cpu, g_dev):
     return augment_pair(x_l[i], m_l[i], g_dev)
 
 
-def unlabeled_views(x_u, n, g_cpu, g_dev, pseudo="same"):
+def unlabeled_views(x_u, n, g_cpu, g_dev, pseudo):
     """This rank's n random unlabeled slices augmented for Eq. 3: (strong view, weak view or None).
 
     pseudo: "same", the pseudo-labels come from the strong view itself (weak view None); "weak", from the
@@ -1128,7 +1094,7 @@ def recomputed_bn(model, x, batch_size, seed, limit):
 
 
 @torch.no_grad()
-def pseudo_label_quality(model, x_v, m_v, cfg, threshold, g):
+def pseudo_label_quality(model, x_v, m_v, cfg, g):
     """Eq. 3's pseudo-labels made on the labeled validation slices as on unlabeled ones (a weak view by generator g,
     BatchNorm with batch statistics, the confidence threshold) and scored against their masks, for the log. Means
     over both decoders of: pl_dice, the foreground Dice of the argmax (pooled over the slices); pl_dice_kept, the
@@ -1138,11 +1104,11 @@ def pseudo_label_quality(model, x_v, m_v, cfg, threshold, g):
     device = next(model.parameters()).device
     xw, mw = augment_geometry(to_device(x_v, device), m_v.to(device), g)
     with batchnorm_restored(model), autocast(device):
-        pairs = [model(x) for x in xw.split(cfg["unlabeled_batch"] or cfg["batch_size"])]
+        pairs = [model(x) for x in xw.split(cfg["batch_size"])]
     scores, argmax = [], []
     for d in range(2):
         confidence, y = torch.cat([pair[d] for pair in pairs]).float().softmax(1).max(1)   # (N, H, W) each
-        keep = confidence >= (threshold[y] if torch.is_tensor(threshold) else threshold)
+        keep = confidence >= cfg["threshold"]
         fg = (mw > 0).sum().clamp(min=1)
         scores.append([foreground_dice(y, mw, cfg["num_classes"]), foreground_dice(y, mw, cfg["num_classes"], keep),
                        keep.float().mean(), ((y > 0) & keep).sum() / fg])
@@ -1166,12 +1132,9 @@ def foreground_dice(y, m, num_classes, where=None):
 
 
 def judge(model, x_v, m_v, x_train, cfg):
-    """(validation Dice, state_dict for best.pt, log fields) of model: with x_train None (--bn-stats running) under
-    its own running BatchNorm statistics; else under statistics recomputed on the un-augmented training slices
-    x_train (the Dice with the running ones is logged as val_dice_running), from at most as many slices as an
-    epoch's labeled batches hold, so that recomputing costs a fraction of the epoch."""
-    if x_train is None:
-        return validate(model, x_v, m_v, cfg), model.state_dict(), {}
+    """(validation Dice, state_dict for best.pt, log fields) of model under BatchNorm statistics recomputed on the
+    un-augmented training slices x_train (the Dice with the running ones is logged as val_dice_running), from at
+    most as many slices as an epoch's labeled batches hold, so that recomputing costs a fraction of the epoch."""
     running = validate(model, x_v, m_v, cfg)
     b = cfg["batch_size"]
     with recomputed_bn(model, x_train, b, cfg["seed"], limit=cfg["steps_per_epoch"] * b):
@@ -1182,11 +1145,9 @@ def judge(model, x_v, m_v, x_train, cfg):
 
 
 def bn_slices(cfg, split, x_l, x_u):
-    """The un-augmented training slices that --bn-stats recomputed takes BatchNorm's statistics from: the labeled
-    ones and, when the run uses them, the unlabeled ones; None for --bn-stats running (and a run from before it)."""
-    if cfg.get("bn_stats", "running") == "running":
-        return None
-    if not cfg["unlabeled_batch"]:
+    """The un-augmented training slices that the judged network's BatchNorm statistics are recomputed on: the
+    labeled ones and, when the run uses them, the unlabeled ones."""
+    if not cfg["unlabeled_weight"]:
         return x_l
     return torch.cat([x_l, x_u]) if split["unlabeled"] else x_u      # at L = 100 % x_u holds every training slice
 
@@ -1222,44 +1183,20 @@ def finetune_model(cfg, ckpt, encoder_state, device):
     return model, opt
 
 
-def averaged(model, cfg, ckpt):
-    """The exponential moving average (decay --ema) of the weights and BatchNorm statistics, which validation, best.pt
-    and so evaluation use; restored from last.pt when resuming. None with --ema 0 (the model itself is judged)."""
-    if not cfg.get("ema"):
-        return None
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
-    if ckpt:
-        load_state(ema, ckpt.get("ema"), os.path.join(cfg["out"], "last.pt"), "averaged weights")
-    return ema
-
-
-def distribution_alignment(cfg, m_l, ckpt):
-    """The DistributionAlignment of --align prior, its prior from the labeled masks m_l and its running mean
-    restored from last.pt when resuming; None with --align none (and a run from before the option)."""
-    if cfg.get("align", "none") == "none":
-        return None
-    alignment = DistributionAlignment(class_prior(m_l, cfg["num_classes"])).to(m_l.device)
-    if ckpt:
-        load_state(alignment, ckpt.get("align"), os.path.join(cfg["out"], "last.pt"), "distribution alignment")
-    return alignment
-
-
 def finetune(cfg, given=()):
     """Semi-supervised fine-tuning with the two decoders supervising each other (Eq. 3)."""
     cfg, ckpt = open_run(cfg, "finetune", given)
     device = torch.device(cfg["device"])
-    encoder_state = None if ckpt or cfg["no_pretrain"] else read_pretrained(cfg)
+    encoder_state = None if ckpt or cfg["pretrained"] == "none" else read_pretrained(cfg)
     split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
     cfg.update(classes)
     model, opt = finetune_model(cfg, ckpt, encoder_state, device)
-    ema, alignment = averaged(model, cfg, ckpt), distribution_alignment(cfg, m_l, ckpt)
-    threshold = class_thresholds(cfg, device)
-    judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
-    best = max([r["val_dice"] for r in log], default=-1.0)
+    best = ckpt["best_val_dice"] if ckpt else -1.0                           # exact, not the log's rounding
     x_train = bn_slices(cfg, split, x_l, x_u)
     step_fn = parallel(model, cfg, device)
-    b, bu, steps = cfg["batch_size"], cfg["unlabeled_batch"], cfg["steps_per_epoch"]
+    b, steps = cfg["batch_size"], cfg["steps_per_epoch"]
+    bu = b if cfg["unlabeled_weight"] else 0                                 # unlabeled slices per step
     total = cfg["epochs"] * steps
     progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
     for epoch in range(start, cfg["epochs"]):
@@ -1267,33 +1204,25 @@ def finetune(cfg, given=()):
         gu_cpu, gu_dev = generators(cfg["seed"], epoch, device, stream=1)
         meter, t0, seen = Meter(cfg, epoch + 1), time.time(), progress.images
         for step in range(steps):
-            t = epoch * steps + step
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg["lr"], t, total, cfg["schedule"])
-            weight = cfg["unlabeled_weight"] * rampup(t, total, cfg["rampup"], cfg["warmup"])
+            weight = cfg["unlabeled_weight"] * rampup(epoch * steps + step, total, cfg["rampup"])
             xl, ml = labeled_views(x_l, m_l, b, g_cpu, g_dev)
-            xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu and t >= cfg["warmup"] * total \
-                else (None, None)
-            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], threshold, alignment,
-                                    cfg.get("sup_loss") == "dice-ce"))
-            if ema:
-                ema.update_parameters(model)
-            progress.update(meter, b if xu is None else b + bu)
+            xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu else (None, None)
+            meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"],
+                                    cfg["sup_loss"] == "dice-ce"))
+            progress.update(meter, b + bu)
         images_per_s = (progress.images - seen) / (time.time() - t0)          # the training steps alone
-        val_dice, state, fields = judge(judged, x_v, m_v, x_train, cfg)     # every process: --sync-bn
-        fields.update(pseudo_label_quality(model, x_v, m_v, cfg, threshold,
-                                           generators(cfg["seed"], epoch, device, stream=2)[1]))
+        val_dice, state, fields = judge(model, x_v, m_v, x_train, cfg)      # every process: --sync-bn
+        fields.update(pseudo_label_quality(model, x_v, m_v, cfg, generators(cfg["seed"], epoch, device, 2)[1]))
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
-                      images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"],
-                      **({"align": alignment.factors()} if alignment else {}))
-        judged_ckpt = {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}
-        files = dict({"best.pt": judged_ckpt} if val_dice > best else {},
-                     **{"final.pt": judged_ckpt} if epoch + 1 == cfg["epochs"] else {})
+                      images_per_s=round(images_per_s, 1), lr=cfg["lr"])
+        judged = {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}
+        files = dict({"best.pt": judged} if val_dice > best else {},
+                     **{"final.pt": judged} if epoch + 1 == cfg["epochs"] else {})
         best = max(best, val_dice)
         log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
             "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-            "config": cfg, **{k: m.state_dict() for k, m in (("ema", ema), ("align", alignment)) if m is not None}}}))
+            "config": cfg, "best_val_dice": best}}))
     if rank() == 0:
         write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
                    os.path.join(cfg["out"], "done.json"))
@@ -1656,35 +1585,31 @@ PAPER_TABLE1 = {
     "mmwhs": {"10": (0.626, 2.397, 5.001), "20": (0.791, 1.798, 3.499), "40": (0.815, 1.355, 2.221),
               "100": (0.826, 1.317, 2.183)},
 }
-ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders)", "supervised": "supervised only, random init",
-             "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning only",
-             "global": "global-only pre-training + our fine-tuning",
-             "local": "local-only pre-training + our fine-tuning",
+ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders, Eq. 3)",
+             "pretrained-dice-ce": "IDEAL pre-training, supervised fine-tuning, CE + Dice (ideal without Eq. 3's "
+                                   "unlabeled term)",
+             "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning, CE",
+             "supervised": "random init, supervised fine-tuning, CE",
+             "global": "global-only pre-training + IDEAL fine-tuning",
+             "local": "local-only pre-training + IDEAL fine-tuning",
              "same-decoders": "IDEAL with two ConvTranspose decoders",
-             "e0-no-unlabeled": "E0: labeled slices only",
-             "e1-joint-w0": "E1: + unlabeled slices in the same pass, weight 0",
-             "e2-separate-w0": "E2: + unlabeled slices in a pass of their own, weight 0",
-             "e3-separate-w0-poly": "E3: E2 with a poly learning-rate decay",
-             "f1-separate-w0.1": "F1: separate passes, Eq. 3 weight 0.1 ramped over the run",
-             "f2-weak": "F2: F1 with pseudo-labels from the weak view",
-             "f4-weak-t0.9-w1": "F4: F2 with confidence >= 0.9, weight 1 after 40 %",
-             "h5-bn-recomputed": "IDEAL, earlier default (F4, recomputed BN statistics, background threshold 0.9)",
-             "i4-background0.97": "IDEAL, previous default (h5 with background threshold 0.97)",
-             "i5-dice-ce-no-unlabeled": "IDEAL pre-training, supervised fine-tuning only, CE + Dice"}
-METRICS = (("dsc", "DSC"), ("assd", "ASD mm"), ("hd", "HD mm"), ("hd95", "HD95 mm"))
+             "paper-literal": "IDEAL, Eq. 3 as the paper writes it (one pass, same-view pseudo-labels, every pixel)"}
+METRIC_NAMES = dict(zip(metrics.METRICS, ("DSC", "ASD mm", "HD mm", "HD95 mm")))
 
 
 def collect(runs, rows=None, split="test"):
-    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ (eval-SPLIT/summary.json
-    and log.jsonl), for the rows named in `rows` (default: every row found), in that order."""
+    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ (eval-SPLIT/summary.json,
+    eval-SPLIT-final/summary.json where it exists, and log.jsonl), for the rows named in `rows` (default: every row
+    found), in that order."""
     table = {}
     for path in sorted(glob.glob(os.path.join(runs, "*", "L*", "seed*", f"eval-{split}", "summary.json"))):
         row, frac = path.split(os.sep)[-5:-3]
         if (rows is None or row in rows) and re.fullmatch(r"L\d+(\.\d+)?", frac):
-            record = read_json(path)
-            if not is_summary(record):
-                raise data.DataError(f"{path}: not an eval summary (no mean {', '.join(m for m, _ in METRICS)})")
-            record["validation"] = validation_curve(os.path.dirname(os.path.dirname(path)))
+            run = os.path.dirname(os.path.dirname(path))
+            record = read_summary(path)
+            final = os.path.join(run, f"eval-{split}-final", "summary.json")
+            record["final_dsc"] = read_summary(final)["mean"]["dsc"]["mean"] if os.path.exists(final) else None
+            record["validation"] = validation_curve(run)
             record["seed"] = path.split(os.sep)[-3].removeprefix("seed")
             table.setdefault(row, {}).setdefault(frac[1:], []).append(record)
     order = rows or list(ROW_NAMES)
@@ -1692,10 +1617,14 @@ def collect(runs, rows=None, split="test"):
             for row in sorted(table, key=lambda r: order.index(r) if r in order else len(order))}
 
 
-def is_summary(record):
-    """An eval summary.json: {"mean": {metric: {"mean": ...}}} for every metric of METRICS."""
-    return isinstance(record, dict) and isinstance(record.get("mean"), dict) and all(
-        isinstance(record["mean"].get(m), dict) and "mean" in record["mean"][m] for m, _ in METRICS)
+def read_summary(path):
+    """An eval summary.json with a number for the mean and std of every metric over the volumes; DataError else."""
+    record = read_json(path)
+    means = record.get("mean") if isinstance(record, dict) else None
+    if not isinstance(means, dict) or not all(isinstance(means.get(m), dict) and all(
+            isinstance(means[m].get(k), (int, float)) for k in ("mean", "std")) for m in metrics.METRICS):
+        raise data.DataError(f"{path}: not an eval summary (no numeric mean and std of {', '.join(metrics.METRICS)})")
+    return record
 
 
 def read_json(path):
@@ -1708,46 +1637,59 @@ def read_json(path):
 
 
 def validation_curve(run):
-    """The validation Dice of a fine-tuning run as curve_figures; with --bn-stats recomputed also those of the Dice
-    with the running statistics, as running_*."""
+    """The validation Dice of a fine-tuning run: best, spread (max - min) and mean over the last 10 epochs."""
     path = os.path.join(run, "log.jsonl")
     try:
         with open(path) as f:
-            log = [json.loads(line) for line in f if line.strip()]
-        curve = curve_figures([r["val_dice"] for r in log])
-        if all("val_dice_running" in r for r in log):
-            curve.update({f"running_{k}": v for k, v in curve_figures([r["val_dice_running"] for r in log]).items()})
-        return curve
+            dice = [float(json.loads(line)["val_dice"]) for line in f if line.strip()]
+        last = dice[-10:]
+        return {"best": max(dice), "spread": max(last) - min(last), "last10": float(np.mean(last))}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise data.DataError(f"{path}: not a fine-tuning log ({' '.join(str(e).split())[:160]})") from None
-
-
-def curve_figures(dice):
-    """Best, spread (max - min) over the last 10 epochs and mean over the last 10 epochs of a validation curve."""
-    last = dice[-10:]
-    return {"best": max(dice), "spread": max(last) - min(last), "last10": float(np.mean(last))}
 
 
 def cell(values):
     """(mean, std, text) of one value per run; a single run's value comes with its std over test volumes."""
     if len(values) == 1 and isinstance(values[0], dict):
         return values[0]["mean"], values[0]["std"], f"{values[0]['mean']:.3f} ± {values[0]['std']:.3f}"
-    means = np.array([v["mean"] if isinstance(v, dict) else v for v in values])
+    means = np.array([v["mean"] if isinstance(v, dict) else v for v in values], dtype=float)
     return float(means.mean()), float(means.std()), f"{means.mean():.3f} ± {means.std():.3f}"
 
 
 def per_run(record):
-    """One run of a report: seed, DSC on the evaluated split (mean and per class), predicted / true volume per class
-    where its evaluation recorded it, and its validation curve's figures."""
+    """One run of a report: seed, DSC on the evaluated split (best-validation and final checkpoint, mean and per
+    class), predicted / true volume per class, and its validation curve's figures."""
     classes = {k: v["dsc"]["mean"] for k, v in record.items() if k.isdigit() and isinstance(v, dict) and "dsc" in v}
-    return dict(seed=record["seed"], dsc=record["mean"]["dsc"]["mean"], dsc_per_class=classes,
-                **({"volume_ratio": record["volume_ratio"]} if "volume_ratio" in record else {}),
-                validation=record["validation"])
+    return dict(seed=record["seed"], dsc=record["mean"]["dsc"]["mean"], final_dsc=record["final_dsc"],
+                dsc_per_class=classes, volume_ratio=record.get("volume_ratio"), validation=record["validation"])
+
+
+def report_rows(table, paper):
+    """(markdown table lines, JSON results) of collect()'s table."""
+    columns = list(METRIC_NAMES.values()) + ["final DSC", "val best", "val spread", "runs"] + \
+        (["paper DSC / ASD / HD"] if paper else [])
+    lines, results = ["| row | L % | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)], []
+    for row, fractions in table.items():
+        for frac, runs in fractions.items():
+            cells = {m: cell([r["mean"][m] for r in runs]) for m in metrics.METRICS}
+            finals = [r["final_dsc"] for r in runs if r["final_dsc"] is not None]
+            cells["final_dsc"] = cell(finals) if len(finals) == len(runs) else (None, None, "")
+            cells.update({f"val_{k}": cell([r["validation"][k] for r in runs]) for k in ("best", "spread")})
+            texts = [c[2] for c in cells.values()][:len(METRIC_NAMES) + 1] + [
+                f"{cells[f'val_{k}'][0]:.3f}" for k in ("best", "spread")] + [str(len(runs))]
+            if paper:
+                texts.append(" / ".join(map(str, paper[frac])) if row == "ideal" and frac in paper else "")
+            lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(texts) + " |")
+            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
+                                **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()},
+                                per_run=[per_run(r) for r in runs]))
+    return lines, results
 
 
 def report(cfg):
-    """results/<name>.md and .json from the runs under --runs: test metrics (or those of another --split),
-    validation Dice, and the paper's Table 1 beside IDEAL for the datasets the paper used (test split only)."""
+    """results/<name>.md, .json and .svg (DSC against the labeled fraction) from the runs under --runs: test
+    metrics (or another --split's), the final checkpoint's DSC, validation Dice, and the paper's Table 1 beside
+    IDEAL for the datasets the paper used (test split only)."""
     split = cfg["split_name"]
     table = collect(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None, split)
     if not table:
@@ -1755,34 +1697,95 @@ def report(cfg):
     paper = PAPER_TABLE1.get(cfg["dataset"]) if "ideal" in table and split == "test" else None
     scope = "Test set: mean ± std over test volumes" if split == "test" else \
         f"The {split} split (`eval --split {split}`): mean ± std over its volumes"
-    columns = [name for _, name in METRICS] + ["val best", "val spread", "runs"] + (["paper DSC / ASD / HD"] if paper
-                                                                                   else [])
+    rows, results = report_rows(table, paper)
+    name = os.path.basename(cfg["out"])
     lines = [f"# {cfg['title']}", "", f"Made by `{cfg['made_by']}` at commit {cfg['commit']}.", "",
+             f"![DSC against the labeled fraction]({name}.svg)", "",
              f"{scope} of the per-volume mean over foreground classes for one run, "
-             "mean ± std of the runs' means over several; distances in mm on the native grid (metrics.py, medpy "
-             "0.5.2 convention). val best: best validation Dice of a run (the checkpoint evaluated); val spread: "
-             "max - min of its validation Dice over the last 10 epochs (means over runs).", "",
-             "| row | L % | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    results = []
-    for row, fractions in table.items():
-        for frac, runs in fractions.items():
-            cells = {m: cell([r["mean"][m] for r in runs]) for m, _ in METRICS}
-            cells.update({f"val_{k}": cell([r["validation"][k] for r in runs]) for k in ("best", "spread")})
-            texts = [c[2] for c in cells.values()][:len(METRICS)] + [f"{cells[f'val_{k}'][0]:.3f}"
-                                                                    for k in ("best", "spread")] + [str(len(runs))]
-            if paper:
-                texts.append(" / ".join(map(str, paper[frac])) if row == "ideal" and frac in paper else "")
-            lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(texts) + " |")
-            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
-                                **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()},
-                                per_run=[per_run(r) for r in runs]))
+             "mean ± std of the runs' means over several (a seed is a whole pipeline: its own pre-trained encoder, "
+             "labeled volumes and fine-tuning); distances in mm on the native grid (metrics.py, medpy 0.5.2 "
+             "convention). DSC: the checkpoint of best validation Dice; final DSC: the last epoch's. val best: best "
+             "validation Dice of a run; val spread: max - min of its validation Dice over the last 10 epochs (means "
+             "over runs).", "", *rows]
     text = "\n".join(lines) + "\n"
     make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
     write_atomic(f"{cfg['out']}.md", lambda tmp: Path(tmp).write_text(text))
     write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], split=split, units="mm",
-                    results=results),
-               f"{cfg['out']}.json")
+                    results=results), f"{cfg['out']}.json")
+    series = [dict(name=row, x=[r["labeled_percent"] for r in results if r["row"] == row],
+                   y=[r["dsc"]["mean"] for r in results if r["row"] == row],
+                   err=[r["dsc"]["std"] for r in results if r["row"] == row]) for row in table]
+    write_atomic(f"{cfg['out']}.svg", lambda tmp: write_svg(tmp, series, "labeled training volumes, %", f"{split} DSC",
+                                                             cfg["title"], xlog=True))
     print(text, end="")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures: plain SVG text, no plotting package
+# ----------------------------------------------------------------------------------------------------------
+SVG_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def ticks(lo, hi, n=6):
+    """Round tick values (1, 2 or 5 times a power of ten apart), at most about n, covering [lo, hi]."""
+    raw = (hi - lo) / n
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw))
+                >= raw)
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def write_svg(path, series, xlabel, ylabel, title, hlines=(), xlog=False):
+    """A plot written as SVG text: axes with ticks in the data's units, per series a polyline (unless "line" is
+    False) and markers with their values as data-x / data-y (and error bars where "err" is given), dashed horizontal
+    lines hlines [(y, label)], and a legend. series: [{"name", "x", "y", "err" (optional), "line" (optional)}]."""
+    w, h, left, right, top, bottom = 720, 420, 70, 190, 40, 55
+    fx = (lambda v: math.log10(v)) if xlog else (lambda v: v)
+    xs = [fx(x) for s in series for x in s["x"]]
+    ys = [y + sign * e for s in series for y, e in zip(s["y"], s.get("err") or [0] * len(s["y"])) for sign in (-1, 1)]
+    ys += [y for y, _ in hlines]
+    x0, x1 = min(xs), max(xs) + (max(xs) == min(xs))
+    pad = (max(ys) - min(ys)) * 0.08 or 1.0
+    y0, y1 = min(ys) - pad, max(ys) + pad
+    px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (w - left - right)                          # noqa: E731
+    py = lambda v: h - bottom - (v - y0) / (y1 - y0) * (h - top - bottom)                        # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           'font-family="sans-serif" font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{w / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>',
+           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>']
+    for v in sorted({x for s in series for x in s["x"]}) if xlog else ticks(x0, x1):
+        out.append(f'<text x="{px(v):.1f}" y="{h - bottom + 18}" text-anchor="middle">{v:g}</text>')
+    for v in ticks(y0, y1):
+        out.append(f'<line x1="{left - 4}" y1="{py(v):.1f}" x2="{left}" y2="{py(v):.1f}" stroke="black"/>'
+                   f'<text x="{left - 7}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">{escape(xlabel)}</text>'
+               f'<text transform="translate(16 {(top + h - bottom) / 2}) rotate(-90)" text-anchor="middle">'
+               f'{escape(ylabel)}</text>')
+    for y, label in hlines:
+        out.append(f'<line class="hline" data-y="{y!r}" x1="{left}" y1="{py(y):.1f}" x2="{w - right}" '
+                   f'y2="{py(y):.1f}" stroke="grey" stroke-dasharray="5 4"/><text x="{w - right + 4}" '
+                   f'y="{py(y) + 4:.1f}" fill="grey">{escape(label)}</text>')
+    for i, s in enumerate(series):
+        out += svg_series(s, px, py, SVG_COLOURS[i % len(SVG_COLOURS)], (w - right + 10, top + 18 * i))
+    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
+
+
+def svg_series(s, px, py, colour, legend):
+    """The SVG elements of one series of write_svg: a group holding its line, markers, error bars and legend entry."""
+    out = [f'<g class="series" data-name="{escape(s["name"])}" stroke="{colour}" fill="{colour}">']
+    if s.get("line", True) and len(s["x"]) > 1:
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s["x"], s["y"]))
+        out.append(f'<polyline points="{points}" fill="none" stroke-width="2"/>')
+    for k, (x, y) in enumerate(zip(s["x"], s["y"])):
+        err = s["err"][k] if s.get("err") else None
+        if err:
+            out.append(f'<line x1="{px(x):.1f}" y1="{py(y - err):.1f}" x2="{px(x):.1f}" y2="{py(y + err):.1f}"/>')
+        out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" data-x="{x!r}" data-y="{y!r}"'
+                   + (f' data-err="{err!r}"' if err else "") + f'><title>{escape(s["name"])}: {x:g}, {y:.3f}'
+                   + (f" ± {err:.3f}" if err else "") + "</title></circle>")
+    out.append(f'<line x1="{legend[0]}" y1="{legend[1]}" x2="{legend[0] + 18}" y2="{legend[1]}" stroke-width="2"/>'
+               f'<text x="{legend[0] + 24}" y="{legend[1] + 4}" stroke="none">{escape(s["name"])}</text></g>')
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1828,7 +1831,7 @@ def bench_pretrain(cfg, device, pool, g):
     finiteness bookkeeping) vs the bare encoder+heads on 2B images of the same shape. Counts slices (B)."""
     b = cfg["batch_size"]
     model = to_device(PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    opt = torch.optim.Adam(model.parameters(), lr=PRESETS[cfg["preset"]]["pretrain_lr"])
     meter = Meter(cfg, 1)
 
     def full():
@@ -1839,35 +1842,36 @@ def bench_pretrain(cfg, device, pool, g):
 
 
 def bench_finetune(cfg, device, pool, g):
-    """The training loop's fine-tuning step with the default Eq. 3 settings (labeled and unlabeled batches drawn and
-    augmented, the passes the --forward and --pseudo settings make, Eq. 3, backward, Adam, finiteness bookkeeping)
-    vs the bare network making the same passes on ready-made images. Counts labeled + unlabeled images."""
-    b, bu = cfg["batch_size"], cfg["unlabeled_batch"]
+    """The training loop's fine-tuning step with the default Eq. 3 (labeled and unlabeled batches drawn and augmented,
+    the passes the --forward and --pseudo settings make, the pseudo-labels and their threshold, Eq. 3 with the
+    --sup-loss labeled term, backward, Adam, finiteness bookkeeping) vs the bare network making the same passes on
+    ready-made images. Counts labeled + unlabeled images."""
+    b = cfg["batch_size"]
     model = to_device(IDEALSegmenter(4, cfg["depth"], cfg["width"]), device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    opt = torch.optim.Adam(model.parameters(), lr=PRESETS[cfg["preset"]]["finetune_lr"])
     masks = (pool[:, 0] * 4).long().clamp(max=3)
-    meter, g_cpu = Meter(cfg, 1), torch.Generator().manual_seed(cfg["seed"])
-    threshold = class_thresholds(dict(cfg, num_classes=4), device)
+    meter, g_cpu = Meter(cfg, 1), torch.Generator().manual_seed(DEFAULTS["seed"])
 
     def full():
         xl, ml = labeled_views(pool, masks, b, g_cpu, g)
-        xu, xw = unlabeled_views(pool, bu, g_cpu, g, cfg["pseudo"])
-        meter.add(finetune_step(model, opt, xl, ml, xu, xw, cfg["unlabeled_weight"], cfg["forward"], threshold))
+        xu, xw = unlabeled_views(pool, b, g_cpu, g, cfg["pseudo"])
+        meter.add(finetune_step(model, opt, xl, ml, xu, xw, DEFAULTS["unlabeled_weight"], cfg["forward"],
+                                DEFAULTS["threshold"], cfg["sup_loss"] == "dice-ce"))
 
-    xl, xu = pool[:b], pool[b:b + bu]
+    xl, xu = pool[:b], pool[b:2 * b]
     batches = (torch.cat([xl, xu]),) if cfg["forward"] == "joint" else (xl, xu)
     weak = (xu,) if cfg["pseudo"] == "weak" else ()
     bare = functools.partial(bare_step, model, opt, *batches, no_grad=weak)
-    return images_per_second(full, bare, b + bu, device, cfg["steps"])
+    return images_per_second(full, bare, 2 * b, device, cfg["steps"])
 
 
 def bench(cfg):
     """images/s of the real training steps against the bare model on the same shapes, and their ratio."""
+    cfg = dict(DEFAULTS, **cfg)                      # the loss settings bench does not offer, as training has them
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
-    pool = to_device(torch.rand(4 * max(cfg["batch_size"], cfg["unlabeled_batch"]), 1, cfg["size"], cfg["size"],
-                                device=device, generator=g), device)
+    pool = to_device(torch.rand(4 * cfg["batch_size"], 1, cfg["size"], cfg["size"], device=device, generator=g), device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bench: preset {cfg['preset']}, ResNet-{cfg['depth']} width {cfg['width']}, "
           f"{cfg['size']}x{cfg['size']}, batch {cfg['batch_size']}, {name}")
@@ -1930,12 +1934,11 @@ def preset_help(key, what):
     return f"{what} (preset: " + ", ".join(f"{p} {v[key]}" for p, v in PRESETS.items()) + ")"
 
 
-def add_process_options(p):
+def add_process_options(p, quiet=True):
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu; one GPU per rank under "
-                   "torchrun)")
-    p.add_argument("--threads", type=number(int, high=1024), help="CPU threads of this process (default: torch's, "
-                   "all cores; give each of two jobs on one machine half of them)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+                   "torchrun); CPU threads: OMP_NUM_THREADS (two jobs on one machine: half the cores each)")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def add_data_options(p, of_run=False):
@@ -1945,23 +1948,28 @@ def add_data_options(p, of_run=False):
     p.add_argument("--layout", default=None if of_run else "auto", choices=("auto", "acdc", "mmwhs", "own"),
                    help="dataset layout" + (run if of_run else ""))
     p.add_argument("--frames", default=None if of_run else "ed", choices=("ed", "es", "both"),
-                   help="ACDC frames used" + (run if of_run else ""))
-    p.add_argument("--label-map", help="remap raw label values, e.g. 1:3,3:1" + (run if of_run else ""))
+                   help="ACDC frames used; with both, a labeled patient gives both of its frames" +
+                   (run if of_run else ""))
+    p.add_argument("--label-map", type=text, help="remap raw label values, e.g. 1:3,3:1" + (run if of_run else ""))
 
 
 def add_model_options(p, command):
-    """Preset, seed, architecture, input and optimisation: each shows the presets' values for `command`."""
+    """Preset, seed, architecture, input and optimisation: each shows the presets' values for `command` (bench: only
+    those that change what it times)."""
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper with a GPU, cpu without")
-    p.add_argument("--seed", type=number(int, inclusive=True, high=2 ** 32 - 1), default=0,
-                   help="seed of weights, split and augmentation")
+    if command != "bench":
+        p.add_argument("--seed", type=number(int, inclusive=True, high=2 ** 32 - 1), default=DEFAULTS["seed"],
+                       help="seed of weights, labeled subset and augmentation")
     p.add_argument("--depth", type=int, choices=sorted(RESNETS), help=preset_help("depth", "ResNet depth"))
     p.add_argument("--width", type=number(int, high=1024), help=preset_help("width", "ResNet stem width"))
     p.add_argument("--size", type=number(int, high=2048), help=preset_help("size", "slice size in pixels, a "
                    "multiple of 32"))
-    p.add_argument("--spacing", type=number(float, high=100.0), help=preset_help("spacing", "in-plane spacing in mm"))
     p.add_argument("--batch-size", type=number(int, high=65536), help=preset_help("batch_size", "slices per batch "
-                   "and process"))
-    p.add_argument("--lr", type=number(float), help=preset_help(f"{command}_lr", "Adam learning rate"))
+                   "and process (fine-tuning: as many labeled and as many unlabeled)"))
+    if command != "bench":
+        p.add_argument("--spacing", type=number(float, high=100.0), help=preset_help("spacing", "in-plane spacing in "
+                       "mm"))
+        p.add_argument("--lr", type=number(float), help=preset_help(f"{command}_lr", "Adam learning rate"))
 
 
 def add_training_options(p, command):
@@ -1970,50 +1978,37 @@ def add_training_options(p, command):
                    "; with --resume: extends the run")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA only)")
 
 
-def add_pretrain_loss_options(p):
-    p.add_argument("--loss", default="both", choices=("both", "local", "global"), help="L_g + L_loc, or one")
-    p.add_argument("--tau", type=number(float), default=0.1, help="softmax temperature of Eq. 1 and 2")
-    p.add_argument("--lambda-loc", type=number(float, inclusive=True), default=1.0, help="weight of L_loc")
-    p.add_argument("--negatives", default="same", choices=("same", "all"), help="negatives of Eq. 2")
+def add_pretrain_loss_options(p, bench=False):
+    p.add_argument("--loss", default=DEFAULTS["loss"], choices=("both", "local", "global"),
+                   help="L_g + lambda_loc L_loc, or one of them")
+    if not bench:
+        p.add_argument("--tau", type=number(float), default=DEFAULTS["tau"], help="softmax temperature of Eq. 1, 2")
+        p.add_argument("--lambda-loc", type=number(float, inclusive=True), default=DEFAULTS["lambda_loc"],
+                       help="weight of L_loc")
+    p.add_argument("--negatives", default=DEFAULTS["negatives"], choices=("same", "all"),
+                   help="negatives of Eq. 2: the other images' keys at the same location, or at every location")
     p.add_argument("--proj-dim", type=number(int, high=8192), help=preset_help("proj_dim", "projection size"))
 
 
-def add_finetune_loss_options(p):
-    """Eq. 3 and how its batches are formed, defaults chosen on the validation split (README, "Why the unlabeled
-    slices hurt"); the paper-literal setting: --forward joint --pseudo same --threshold 0 --background-threshold 0
-    --rampup 0 --sup-loss ce."""
-    p.add_argument("--sup-loss", default="dice-ce", choices=("ce", "dice-ce"),
+def add_finetune_loss_options(p, bench=False):
+    """Eq. 3 and how its batches are formed, defaults chosen on the validation split (results/EXPERIMENTS.md); the
+    paper-literal setting: --forward joint --pseudo same --threshold 0 --rampup 0 --sup-loss ce."""
+    p.add_argument("--sup-loss", default=DEFAULTS["sup_loss"], choices=("ce", "dice-ce"),
                    help="labeled term of Eq. 3: CE, or CE + soft Dice over the foreground classes")
-    p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=1.0,
-                   help="weight of the unlabeled term of Eq. 3 after ramp-up (0: supervised only)")
-    p.add_argument("--rampup", type=number(float, inclusive=True, high=1.0), default=0.4,
-                   help="fraction of the steps over which the unlabeled weight ramps up")
-    p.add_argument("--warmup", type=number(float, inclusive=True, high=1.0), default=0.0,
-                   help="fraction of the steps trained on labeled slices only, before the ramp-up starts")
-    p.add_argument("--unlabeled-batch", type=number(int, inclusive=True, high=65536),
-                   help="unlabeled slices per step and process, 0: none (default: --batch-size; at "
-                   "--unlabeled-weight 0 they still feed BatchNorm statistics)")
-    p.add_argument("--forward", default="separate", choices=("separate", "joint"),
-                   help="labeled and unlabeled slices in one forward pass (shared BatchNorm statistics) or two")
-    p.add_argument("--pseudo", default="weak", choices=("weak", "same"),
-                   help="pseudo-labels from the strongly augmented view itself or from its weak view")
-    p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
-                   help="confidence below which pseudo-labelled pixels are ignored")
-    p.add_argument("--background-threshold", type=number(float, inclusive=True, high=1.0), default=0.9,
-                   help="the same for pixels pseudo-labelled background (give --threshold's value for one threshold)")
-    p.add_argument("--schedule", default="constant", choices=("constant", "poly"), help="learning-rate schedule")
-    p.add_argument("--bn-stats", default="recomputed", choices=("running", "recomputed"),
-                   help="BatchNorm statistics that validation, best.pt and so evaluation use: recomputed before each "
-                   "validation on the un-augmented training slices, or the running averages of training")
-    p.add_argument("--align", default="none", choices=("none", "prior"),
-                   help="pseudo-labels from probabilities aligned to the labeled slices' class distribution "
-                        "(prior) or the softmax itself (none)")
-    p.add_argument("--ema", type=number(float, inclusive=True, high=0.9999), default=0.0,
-                   help="validate, keep and evaluate an exponential moving average of the weights with this decay "
-                        "per step (0: the weights themselves)")
+    if not bench:
+        p.add_argument("--unlabeled-weight", type=number(float, inclusive=True), default=DEFAULTS["unlabeled_weight"],
+                       help="weight of the unlabeled term of Eq. 3 after ramp-up (0: supervised, no unlabeled slices)")
+        p.add_argument("--rampup", type=number(float, inclusive=True, high=1.0), default=DEFAULTS["rampup"],
+                       help="fraction of the steps over which the unlabeled weight ramps up")
+        p.add_argument("--threshold", type=number(float, inclusive=True, high=1.0), default=DEFAULTS["threshold"],
+                       help="confidence below which pseudo-labelled pixels are left out")
+    p.add_argument("--forward", default=DEFAULTS["forward"], choices=("separate", "joint"),
+                   help="labeled and unlabeled slices in a forward pass each, or in one (shared BatchNorm statistics)")
+    p.add_argument("--pseudo", default=DEFAULTS["pseudo"], choices=("weak", "same"),
+                   help="pseudo-labels from a weak view (geometry only) of the strongly augmented slice, or from it")
 
 
 def add_eval_options(p):
@@ -2064,15 +2059,14 @@ def build_parser():
     add_pretrain_loss_options(p), add_process_options(p)
     p = sub.add_parser("finetune", help="semi-supervised fine-tuning (Eq. 3)")
     add_model_options(p, "finetune"), add_data_options(p), add_training_options(p, "finetune")
-    p.add_argument("--pretrained", type=text, help="encoder.pt of a pre-training run (required unless "
-                   "--no-pretrain)")
-    p.add_argument("--no-pretrain", action="store_true", help="random encoder initialisation")
-    p.add_argument("--labeled", type=number(float, high=100.0), help="L: %% of training volumes (default: 1.25)")
-    p.add_argument("--split-file", dest="split", type=text, help="split.json to reuse instead of drawing one (its "
-                   "labeled volumes replace --labeled)")
+    p.add_argument("--pretrained", type=text, metavar="ENCODER.pt|none", help="encoder.pt of a pre-training run, "
+                   "or none for a random initialisation (required unless --resume continues a run)")
+    p.add_argument("--labeled", type=number(float, high=100.0),
+                   help=f"L: %% of the training patients labeled (default: {DEFAULTS['labeled']})")
+    p.add_argument("--split-file", type=text, help="split.json to reuse instead of drawing one (its labeled volumes "
+                   "replace --labeled)")
     add_finetune_loss_options(p)
     p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
-    p.add_argument("--predict", default="mean", choices=("mean", "d1", "d2"), help="prediction used for val")
     p.add_argument("--steps-per-epoch", type=number(int, high=10 ** 7), help=preset_help("steps_per_epoch",
                    "steps per epoch"))
     add_process_options(p)
@@ -2088,10 +2082,10 @@ def build_parser():
     p = sub.add_parser("report", help="results table from the eval summaries of run.sh's run folders")
     add_report_options(p)
     p = sub.add_parser("bench", help="training-step throughput vs the bare model (the default losses)")
-    add_model_options(p, "pretrain"), add_pretrain_loss_options(p), add_finetune_loss_options(p)
+    add_model_options(p, "bench"), add_pretrain_loss_options(p, bench=True), add_finetune_loss_options(p, bench=True)
     p.add_argument("--steps", type=number(int), default=60,
                    help="timed steps of each kind, in 10 rounds that alternate the training step and the bare model")
-    add_process_options(p)
+    add_process_options(p, quiet=False)
     return parser
 
 
@@ -2113,8 +2107,6 @@ def check_device(name, parser):
 def resolve(args, parser):
     """The command's configuration: preset values, overridden by every flag given."""
     cfg = vars(args).copy()
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
     if "device" in cfg:
         cfg["device"] = check_device(cfg["device"], parser)
     if "preset" not in cfg:                          # eval and predict take theirs from the run
@@ -2130,8 +2122,6 @@ def resolve(args, parser):
         parser.error(f"argument --size: must be a multiple of 32 (the encoder's stride), got {cfg['size']}")
     if args.command == "finetune":
         check_finetune(cfg, parser)
-    if "unlabeled_batch" in cfg and cfg["unlabeled_batch"] is None:
-        cfg["unlabeled_batch"] = cfg["batch_size"]
     if args.command != "bench":
         threads = f" ({torch.get_num_threads()} threads)" if cfg["device"] == "cpu" else ""
         note(cfg, f"{args.command}: preset {cfg['preset']} on {cfg['device']}{threads}")
@@ -2139,22 +2129,22 @@ def resolve(args, parser):
 
 
 def check_finetune(cfg, parser):
-    """finetune's rules across options: an encoder unless a checkpoint is resumed; --labeled (default 1.25) or
-    --split-file, whose labeled volumes replace it."""
+    """finetune's rules across options: an encoder (or none) unless a checkpoint is resumed; --labeled or
+    --split-file, whose labeled volumes replace it; validation predicts as the runs' default."""
     resumable = cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt"))
-    if not (cfg["pretrained"] or cfg["no_pretrain"] or resumable):
-        parser.error("argument --pretrained: ENCODER.pt is required unless --no-pretrain is given" +
+    if not (cfg["pretrained"] or resumable):
+        parser.error("argument --pretrained: ENCODER.pt (or none, a random initialisation) is required" +
                      (f" ({cfg['out']} holds no checkpoint to resume)" if cfg["resume"] else ""))
-    if cfg["split"] and cfg["labeled"] is not None:
+    if cfg["split_file"] and cfg["labeled"] is not None:
         parser.error("argument --labeled: not with --split-file, whose labeled volumes the run uses")
-    if not cfg["split"] and cfg["labeled"] is None:
-        cfg["labeled"] = 1.25
+    if not cfg["split_file"] and cfg["labeled"] is None:
+        cfg["labeled"] = DEFAULTS["labeled"]
+    cfg["predict"] = DEFAULTS["predict"]
 
 
 def given_options(argv):
     """The options named on the command line, as config keys (a resumed run refuses changed ones)."""
-    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return {"split" if name == "split_file" else name for name in names}
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def main(argv=None):

@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
 # IDEAL's protocol end to end: pre-train, fine-tune each row at each label fraction, evaluate, tabulate.
 #
-#   bash run.sh                      the embedded default: synthetic phantom, demo preset (the cpu model, a short
-#                                    schedule), about 5 minutes on a 2-core laptop (6 with the benches)
+#   bash run.sh                      the synthetic phantom, demo preset: about 5 minutes on a 2-core laptop
 #   DATA=/path/to/ACDC bash run.sh   the paper's protocol on real ACDC (L = 1.25, 2.5, 10, 100 %)
 #
 # Environment (all optional):
 #   DATA       dataset folder (default: the synthetic phantom, written once to cache/phantom)
 #   DATASET    acdc | mmwhs | own: label fractions and the paper's numbers shown (default: acdc)
 #   PRESET     cpu | paper | demo (default: paper with a GPU, cpu without; demo for the phantom)
-#   SEEDS      fine-tuning runs per setting; the paper reports the mean of 5 (default: 1)
-#   ROWS       rows of the table (default: ideal supervised pretrained-supervised global local same-decoders;
-#              phantom: ideal supervised); the e* and f* rows are the one-volume ablation of the README, g* and
-#              h* the 2.5 % screenings, i* the 1.25 % ones
+#   SEEDS      pipelines per setting: seed k pre-trains encoder k and fine-tunes from it (default: 1)
+#   ROWS       rows of the table, see the case below (default: ideal pretrained-dice-ce pretrained-supervised
+#              supervised global local same-decoders paper-literal; phantom: ideal supervised)
 #   FRACTIONS  label percentages (default: acdc 1.25 2.5 10 100, mmwhs 10 20 40 100, own 10 100)
-#   TABLE      results/<dataset>-<preset>[-TABLE].md: a separate table for a separate question (e.g. ablation)
-#   BENCH      1: also time the training step and the metrics into results/ (default: 1; 0 while other jobs run;
-#              only: the benches alone, e.g. PRESET=cpu BENCH=only bash run.sh)
+#   FRAMES     ed | both: the ACDC frames trained on (default: ed, the paper's protocol). both: the runs go to
+#              OUT-both and the table is clinical (volumes, EF, mass; DSC on ED and ES), with the ED-trained runs of
+#              the same rows in OUT beside them where they exist
+#   TABLE      a separately named table <dataset>-<preset>[-TABLE]
+#   PUBLISH    1: write tables and benches into results/ and paste them into README.md and results/EXPERIMENTS.md
+#              (default: print them and write them under OUT only, so that a demo leaves the checkout as it was)
+#   BENCH      1: also time the training step and the metrics (default: 1; 0 while other jobs run; only: the
+#              benches alone, e.g. PRESET=cpu BENCH=only bash run.sh)
 #   OUT        run folders (default: runs/<dataset>-<preset>)
 #   JOBS       fine-tunings run side by side, each logging to <run folder>.log and using cores / JOBS threads
-#              unless OMP_NUM_THREADS says otherwise (default: 1; the phantom: one per core, at most 5; e.g. 2 on 2
-#              cores, or a dozen sharing one GPU)
+#              unless OMP_NUM_THREADS says otherwise (default: 1; the phantom: one per core, at most 5)
 #   PRETRAIN_FLAGS, FINETUNE_FLAGS  extra flags for every pretrain / finetune call (e.g. --epochs 50)
 # Re-running skips every finished training and evaluation (a run folder with done.json, an eval with summary.json;
-# the tables and the quick ED+ES scoring are made again) and resumes a run folder that has last.pt but no done.json,
-# so an interrupted protocol continues where it stopped.
-# Two run.sh side by side on one machine: give each its share of the cores, e.g. OMP_NUM_THREADS=1 for each on 2
-# cores (two jobs that each take every core slow each other down 10-15x).
+# the tables are made again) and resumes a run folder that has last.pt but no done.json, so an interrupted protocol
+# continues where it stopped. Two run.sh side by side on one machine: give each its share of the cores, e.g.
+# OMP_NUM_THREADS=1 for each on 2 cores (two jobs that each take every core slow each other down 10-15x).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")"
@@ -41,7 +42,7 @@ BENCH_FLAGS=()
 if [ -n "${DATA:-}" ]; then
   DATA_FLAGS=(--data "$DATA")
   BASE=$DATASET-$PRESET
-  ROWS=${ROWS:-ideal supervised pretrained-supervised global local same-decoders}
+  ROWS=${ROWS:-ideal pretrained-dice-ce pretrained-supervised supervised global local same-decoders paper-literal}
 else
   PRESET=${PRESET_GIVEN:-demo}
   BASE=phantom-$PRESET
@@ -62,8 +63,12 @@ case $DATASET in
   *) echo "run.sh: error: DATASET must be acdc, mmwhs or own, got '$DATASET'" >&2; exit 2 ;;
 esac
 FRAMES=${FRAMES:-ed}
-[[ $FRAMES =~ ^(ed|es|both)$ ]] || { echo "run.sh: error: FRAMES must be ed, es or both, got '$FRAMES'" >&2; exit 2; }
-OUT=${OUT:-runs/$BASE$([ "$FRAMES" = ed ] || echo "-$FRAMES")}
+[[ $FRAMES =~ ^(ed|both)$ ]] || { echo "run.sh: error: FRAMES must be ed or both, got '$FRAMES'" >&2; exit 2; }
+OUT=${OUT:-runs/$BASE}
+OUT_ED=$OUT
+[ "$FRAMES" = ed ] || OUT=$OUT-$FRAMES
+DEST=$OUT/tables
+[ "${PUBLISH:-0}" = 1 ] && DEST=results
 read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_FLAGS:-}"
 read -r -a FINETUNE_EXTRA <<< "${FINETUNE_FLAGS:-}"
 COMMON=(--preset "$PRESET" --frames "$FRAMES" "${DATA_FLAGS[@]}")
@@ -104,22 +109,26 @@ pretrained() {  # LOSS SEED -> encoder.pt of the pre-training with that loss and
   echo "$OUT/pretrain-$1/seed$2/encoder.pt"
 }
 
-bench() {  # time the training step and the metrics into results/, to be pasted into README.md
-  mkdir -p results
-  say "$PY" ideal.py bench --preset "$PRESET" "${BENCH_FLAGS[@]}" > "results/bench-$PRESET.txt"
-  say "$PY" metrics.py --bench > results/metrics-bench.txt
-  PASTE+=("results/bench-$PRESET.txt" results/metrics-bench.txt)
+bench() {  # time the training step and the metrics
+  mkdir -p "$DEST"
+  say "$PY" ideal.py bench --preset "$PRESET" "${BENCH_FLAGS[@]}" > "$DEST/bench-$PRESET.txt"
+  say "$PY" metrics.py --bench > "$DEST/metrics-bench.txt"
+  PASTE+=("bench-$PRESET.txt" metrics-bench.txt)
 }
 
-# Paste each results file into README.md between its markers <!-- results/FILE --> ... <!-- /results/FILE -->.
+# With PUBLISH=1, paste each results/FILE into README.md and results/EXPERIMENTS.md between its markers
+# <!-- results/FILE --> ... <!-- /results/FILE -->, wherever they are.
 paste_results() {
+  [ "$DEST" = results ] || return 0
   for file in "${PASTE[@]}"; do
-    grep -q "<!-- $file -->" README.md 2>/dev/null || continue
-    awk -v start="<!-- $file -->" -v stop="<!-- /$file -->" -v path="$file" '
-      $0 == start { print; if (path ~ /\.txt$/) print "```"; while ((getline line < path) > 0) print line;
-                    if (path ~ /\.txt$/) print "```"; skip = 1; next }
-      $0 == stop { skip = 0 }
-      !skip' README.md > README.md.tmp && mv README.md.tmp README.md
+    for doc in README.md results/EXPERIMENTS.md; do
+      grep -q "<!-- results/$file -->" "$doc" 2>/dev/null || continue
+      awk -v start="<!-- results/$file -->" -v stop="<!-- /results/$file -->" -v path="results/$file" '
+        $0 == start { print; if (path ~ /\.txt$/) print "```"; while ((getline line < path) > 0) print line;
+                      if (path ~ /\.txt$/) print "```"; skip = 1; next }
+        $0 == stop { skip = 0 }
+        !skip' "$doc" > "$doc.tmp" && mv "$doc.tmp" "$doc"
+    done
   done
 }
 
@@ -130,13 +139,7 @@ if [ "${BENCH:-1}" = only ]; then  # the benches alone, no training and no table
   exit 0
 fi
 
-# The rows. Each ablation row (e*, f*: README, "Why the unlabeled slices hurt"; g*, h*: the 2.5 % screenings and
-# i*: the 1.25 % ones, README "Results") pins every flag it tests, so it means the same whatever the defaults are.
-E0=(--unlabeled-weight 0 --unlabeled-batch 0 --schedule constant --bn-stats running
-    --sup-loss ce)     # labeled slices only
-F4=(--unlabeled-weight 1 --rampup 0.4 --forward separate --pseudo weak --threshold 0.9 --background-threshold 0.9
-    --warmup 0 --schedule constant --bn-stats running --align none --sup-loss ce)
-cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test split
+cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test split (best and final checkpoint)
   local dir=$1
   local -x OMP_NUM_THREADS=$JOB_THREADS
   shift
@@ -146,46 +149,14 @@ cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test spli
 }
 
 for row in $ROWS; do
-  case $row in
+  case $row in  # each row pins only what differs from ideal.py's DEFAULTS
     ideal) enc=both; init=() ;;
-    supervised) enc=; init=(--no-pretrain --unlabeled-weight 0 --unlabeled-batch 0 --sup-loss ce) ;;
-    pretrained-supervised) enc=both; init=(--unlabeled-weight 0 --unlabeled-batch 0 --sup-loss ce) ;;
-    pretrained-dice-ce) enc=both; init=(--unlabeled-weight 0 --unlabeled-batch 0 --sup-loss dice-ce) ;;
+    pretrained-dice-ce) enc=both; init=(--unlabeled-weight 0) ;;
+    pretrained-supervised) enc=both; init=(--unlabeled-weight 0 --sup-loss ce) ;;
+    supervised) enc=; init=(--pretrained none --unlabeled-weight 0 --sup-loss ce) ;;
     global | local) enc=$row; init=() ;;
     same-decoders) enc=both; init=(--same-decoders) ;;
-    e0-no-unlabeled) enc=both; init=("${E0[@]}") ;;
-    e1-joint-w0) enc=both; init=(--unlabeled-weight 0 --forward joint --schedule constant
-                       --bn-stats running) ;;
-    e2-separate-w0) enc=both; init=(--unlabeled-weight 0 --forward separate
-                          --schedule constant --bn-stats running) ;;
-    e3-separate-w0-poly) enc=both; init=(--unlabeled-weight 0 --forward separate
-                               --schedule poly --bn-stats running) ;;
-    f1-separate-w0.1) enc=both; init=(--unlabeled-weight 0.1 --rampup 1 --forward separate
-                            --pseudo same --threshold 0 --background-threshold 0 --warmup 0 --schedule constant
-                            --bn-stats running) ;;
-    f2-weak) enc=both; init=(--unlabeled-weight 0.1 --rampup 1 --forward separate
-                   --pseudo weak --threshold 0 --background-threshold 0 --warmup 0 --schedule constant
-                   --bn-stats running) ;;
-    f4-weak-t0.9-w1) enc=both; init=("${F4[@]}") ;;
-    g1-ema0.99) enc=both; init=("${F4[@]}" --ema 0.99) ;;
-    g2-ema0.99-no-unlabeled) enc=both; init=("${E0[@]}" --ema 0.99) ;;
-    g3-60-epochs) enc=both; init=("${F4[@]}" --epochs 60) ;;
-    g4-60-epochs-no-unlabeled) enc=both; init=("${E0[@]}" --epochs 60) ;;
-    h1-threshold0.8) enc=both; init=("${F4[@]}" --threshold 0.8 --background-threshold 0.8) ;;
-    h2-weight2) enc=both; init=("${F4[@]}" --unlabeled-weight 2) ;;
-    h3-warmup0.2) enc=both; init=("${F4[@]}" --warmup 0.2) ;;
-    h4-threshold0.95) enc=both; init=("${F4[@]}" --threshold 0.95
-                           --background-threshold 0.95) ;;
-    h5-bn-recomputed) enc=both; init=("${F4[@]}" --bn-stats recomputed) ;;
-    h6-bn-recomputed-no-unlabeled) enc=both; init=("${E0[@]}" --bn-stats recomputed) ;;
-    i1-align) enc=both; init=("${F4[@]}" --bn-stats recomputed --align prior) ;;
-    i2-dice-ce) enc=both; init=("${F4[@]}" --bn-stats recomputed --sup-loss dice-ce) ;;
-    i3-background0.99) enc=both; init=("${F4[@]}" --bn-stats recomputed
-                             --background-threshold 0.99) ;;
-    i4-background0.97) enc=both; init=("${F4[@]}" --bn-stats recomputed
-                             --background-threshold 0.97) ;;
-    i5-dice-ce-no-unlabeled) enc=both; init=(--unlabeled-weight 0 --unlabeled-batch 0
-                                   --sup-loss dice-ce) ;;
+    paper-literal) enc=both; init=(--forward joint --pseudo same --threshold 0 --rampup 0 --sup-loss ce) ;;
     *) echo "run.sh: error: unknown row '$row' (see the rows in run.sh)" >&2
        exit 2 ;;
   esac
@@ -211,27 +182,30 @@ for row in $ROWS; do
 done
 settle 0
 
-mkdir -p results
+REPORT=()
+if [ "$FRAMES" = both ]; then  # clinical: the ED-trained runs of the same rows, scored on both frames too
+  for dir in "$OUT_ED"/*/L*/seed*; do
+    row=${dir#"$OUT_ED"/}
+    if [[ " $ROWS " == *" ${row%%/*} "* ]] && [ -f "$dir/done.json" ] && [ ! -f "$dir/eval-test-both/summary.json" ]
+    then
+      say "$PY" ideal.py eval --run "$dir" --frames both --quiet
+    fi
+  done
+  REPORT=(--clinical --runs "$OUT" "$OUT_ED")
+else
+  REPORT=(--runs "$OUT")
+fi
+mkdir -p "$DEST"
 made_by="${DATA:+DATA=$DATA }PRESET=$PRESET SEEDS=$SEEDS ROWS='$ROWS' FRACTIONS='$FRACTIONS'${TABLE:+ TABLE=$TABLE}"
-say "$PY" ideal.py report --runs "$OUT" --out "results/$NAME" --dataset "${DATA:+$DATASET}" --rows "$ROWS" \
+[ "$FRAMES" = ed ] || made_by="$made_by FRAMES=$FRAMES"
+say "$PY" ideal.py report "${REPORT[@]}" --out "$DEST/$NAME" --dataset "${DATA:+$DATASET}" --rows "$ROWS" \
   --title "IDEAL on $([ -n "${DATA:-}" ] && basename "$DATA" || echo the synthetic phantom) ($PRESET preset)" \
   --made-by "$made_by bash run.sh" --commit "$COMMIT"
 threads=""
 if ((JOBS > 1)); then threads=" ($JOBS fine-tunings side by side, $JOB_THREADS thread(s) each)"; fi
-echo "wall time: $(( $(date +%s) - START )) s on $CORES cores$threads" >> "results/$NAME.md"
-PASTE=("results/$NAME.md")
-
-# ACDC: the ideal run of the last fraction in FRACTIONS on data it never saw, the ED and ES frames of the test
-# patients, with the clinical indices.
-unseen=$OUT/ideal/L${FRACTIONS##* }/seed0
-if [ "$DATASET" = acdc ] && [ -n "${DATA:-}" ] && [ -f "$unseen/done.json" ] && [ -z "${TABLE:-}" ]; then
-  { echo "# $unseen on the ED and ES frames of the 20 test patients (never seen in training)"; echo
-    echo "Made by \`python ideal.py eval --run $unseen --data $DATA --frames both --quiet\` (run.sh) at commit $COMMIT."
-    echo; echo '```'; say "$PY" ideal.py eval --run "$unseen" "${DATA_FLAGS[@]}" --frames both --quiet; echo '```'
-  } > "results/$NAME-unseen.md"
-  PASTE+=("results/$NAME-unseen.md")
-fi
+echo "wall time: $(( $(date +%s) - START )) s on $CORES cores$threads" >> "$DEST/$NAME.md"
+PASTE=("$NAME.md")
 [ "${BENCH:-1}" = 1 ] && bench
 paste_results
-cat "results/$NAME.md"
-echo "run.sh: done in $(( $(date +%s) - START )) s" >&2
+cat "$DEST/$NAME.md"
+echo "run.sh: done in $(( $(date +%s) - START )) s; tables in $DEST" >&2

@@ -156,7 +156,7 @@ def test_own_reader_with_unlabeled_images(tmp_path):
 def test_parse_label_map():
     assert data.parse_label_map("1:3,3:1") == {1: 3, 3: 1}
     assert data.parse_label_map(" 205 : 1 ") == {205: 1}
-    assert data.parse_label_map(None) is None and data.parse_label_map("") is None
+    assert data.parse_label_map(None) is None
     for bad in ("1-3", "1:3,1:2", "a:b", "1:300"):
         with pytest.raises(DataError, match="label map"):
             data.parse_label_map(bad)
@@ -867,6 +867,9 @@ def test_bench_runs_on_a_tiny_volume():
 # ----------------------------------------------------------------------------------------------------------
 # Eq. 1 and Eq. 2 against naive loops
 # ----------------------------------------------------------------------------------------------------------
+LOSS = {k: ideal.DEFAULTS[k] for k in ideal.LOSS_KEYS}                       # pretrain_step's settings
+
+
 def naive_local_infonce(q, k, valid, tau, negatives):
     """Eq. 2 written location by location."""
     b, c, h, w = q.shape
@@ -909,7 +912,7 @@ def test_both_directions_in_one_product(negatives):
     dense = torch.randn(2 * b, 5, 3, 3, generator=g, dtype=torch.float64)
     thetas = ideal.random_affine(2 * b, g, torch.device("cpu"))
     model = lambda views: (None, dense)                                      # noqa: E731 (global, dense)
-    _, parts = ideal.pretrain_loss(model, None, thetas, loss="local", tau=0.2, negatives=negatives)
+    _, parts = ideal.pretrain_loss(model, None, thetas, loss="local", tau=0.2, lambda_loc=1.0, negatives=negatives)
     (q, k), (t_q, t_k) = F.normalize(dense, dim=1).chunk(2), thetas.chunk(2)
     want = 0.0
     for mine, other, t_mine, t_other in ((q, k, t_q, t_k), (k, q, t_k, t_q)):
@@ -923,11 +926,11 @@ def test_local_infonce_minimum_and_shuffled():
     b, c, h, w = 4, 40, 3, 3
     feats = F.normalize(torch.randn(b, c, h, w, generator=g), dim=1)
     valid = torch.ones(b, h, w, dtype=torch.bool)
-    identical = ideal.local_infonce(feats, feats, valid, tau=0.05).item()
+    identical = ideal.local_infonce(feats, feats, valid, 0.05, "same").item()
     shuffled = ideal.local_infonce(feats, feats.flatten(2)[..., torch.randperm(h * w, generator=g)]
-                                   .reshape(b, c, h, w), valid, tau=0.05).item()
+                                   .reshape(b, c, h, w), valid, 0.05, "same").item()
     orthogonal = torch.eye(c)[: b * h * w].reshape(b, h, w, c).permute(0, 3, 1, 2)
-    best = ideal.local_infonce(orthogonal, orthogonal, valid, tau=0.05).item()
+    best = ideal.local_infonce(orthogonal, orthogonal, valid, 0.05, "same").item()
     assert best < 1e-6                        # well separated: -log(e^20 / (e^20 + 3)) ~ 6e-9
     assert identical < 0.5 < shuffled
 
@@ -991,11 +994,11 @@ def test_a_pretraining_step_on_cuda_never_waits_for_the_device():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(4, 1, 64, 64, device=device)
-    ideal.pretrain_step(model, opt, x, g)                                   # warm-up: lazy initialisation
+    ideal.pretrain_step(model, opt, x, g, **LOSS)                           # warm-up: lazy initialisation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ideal.pretrain_step(model, opt, x, g)
+        ideal.pretrain_step(model, opt, x, g, **LOSS)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -1060,26 +1063,14 @@ def test_cross_consistency_loss_by_hand():
     l1 = torch.tensor([[[[2.0]], [[0.0]]]])                                  # (1, 2, 1, 1): p1 favours class 0
     l2 = torch.tensor([[[[0.0]], [[1.0]]]])                                  # p2 favours class 1
     mask = torch.tensor([[[1]]])
-    y1, y2 = ideal.pseudo_label(l1), ideal.pseudo_label(l2)
-    loss, sup, unsup = ideal.cross_consistency_loss(l1, l2, mask, l1, l2, y1, y2, weight=0.5)
+    y1, y2 = ideal.pseudo_label(l1, 0), ideal.pseudo_label(l2, 0)
+    loss, sup, unsup = ideal.cross_consistency_loss(l1, l2, mask, l1, l2, y1, y2, weight=0.5, dice=False)
     ce = lambda z, c: -math.log(math.exp(z[c]) / (math.exp(z[0]) + math.exp(z[1])))
     want_sup = ce([2.0, 0.0], 1) + ce([0.0, 1.0], 1)
     want_unsup = ce([2.0, 0.0], 1) + ce([0.0, 1.0], 0)                       # p1 vs y2 = 1, p2 vs y1 = 0
     assert sup.item() == pytest.approx(want_sup)
     assert unsup.item() == pytest.approx(want_unsup)
     assert loss.item() == pytest.approx(want_sup + 0.5 * want_unsup)
-
-
-def test_background_threshold_applies_to_background_pseudo_labels_only():
-    """--background-threshold: a pixel pseudo-labelled background needs that confidence, the others --threshold."""
-    p = torch.tensor([[[0.95, 0.05, 0.02]], [[0.05, 0.95, 0.98]]])          # (2, 1, 3): bg 0.95, fg 0.95, fg 0.98
-    logits = torch.log(p)[None]                                             # (1, 2, 1, 3)
-    cfg = dict(threshold=0.9, background_threshold=0.97, num_classes=2)
-    thresholds = ideal.class_thresholds(cfg, "cpu")
-    assert thresholds.tolist() == pytest.approx([0.97, 0.9])
-    assert ideal.pseudo_label(logits, thresholds).tolist() == [[[ideal.IGNORE, 1, 1]]]
-    assert ideal.pseudo_label(logits, 0.97).tolist() == [[[ideal.IGNORE, ideal.IGNORE, 1]]]
-    assert ideal.class_thresholds(dict(cfg, background_threshold=None), "cpu") == 0.9
 
 
 def test_soft_dice_loss_by_hand_and_added_to_the_labeled_term_only():
@@ -1101,52 +1092,18 @@ def test_confidence_threshold_ignores_pixels_and_keeps_the_mean_over_all():
     assert y.tolist() == [[[0, ideal.IGNORE]]]
     other = torch.zeros(1, 2, 1, 2)
     _, _, unsup = ideal.cross_consistency_loss(other, other, torch.zeros(1, 1, 2, dtype=torch.long), other, other,
-                                               y, y)
+                                               y, y, 1.0, False)
     assert unsup.item() == pytest.approx(2 * math.log(2) / 2)               # one pixel of two counts, twice
-
-
-def test_distribution_alignment_moves_the_argmax_towards_the_labeled_prior():
-    """--align prior: a class predicted at half its labeled share gets twice its probability before the argmax; a
-    model that predicts the prior leaves the pseudo-labels as they are; the running mean moves by 1 - momentum."""
-    prior = ideal.class_prior(torch.tensor([[[0, 0, 1, 1]]]), 2)                # half the pixels in each class
-    assert prior.tolist() == [0.5, 0.5]
-    logits = torch.log(torch.tensor([[[[0.6]], [[0.4]]]]))                   # (1, 2, 1, 1): p = (0.6, 0.4)
-    align = ideal.DistributionAlignment(prior, momentum=0.5)
-    assert ideal.pseudo_label(logits, alignment=align).item() == ideal.pseudo_label(logits).item() == 0
-    align.mean.copy_(torch.tensor([0.75, 0.25]))                            # class 1 predicted at half its share
-    aligned = align(logits.softmax(1))
-    assert aligned.flatten().tolist() == pytest.approx([0.4 / 1.2, 0.8 / 1.2])
-    assert ideal.pseudo_label(logits, threshold=0.6, alignment=align).item() == 1
-    align.update(logits, logits)
-    assert align.mean.tolist() == pytest.approx([0.5 * 0.75 + 0.5 * 0.6, 0.5 * 0.25 + 0.5 * 0.4])
-    assert ideal.class_prior(torch.zeros(1, 2, 2, dtype=torch.long), 3)[1:].gt(0).all()   # an absent class: > 0
-
-
-def test_distribution_alignment_is_logged_kept_and_resumed(phantom, pretrained, tmp_path, monkeypatch):
-    """--align prior: each epoch logs prior / mean per class, last.pt keeps the running mean, and a run killed in
-    epoch 2 and resumed ends with the weights and mean of a run straight through."""
-    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
-            "--epochs", "2", "--steps-per-epoch", "3", "--align", "prior", "--threshold", "0", *TINY]
-    assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
-    killed_run(monkeypatch, args, tmp_path / "killed", 3)          # epoch 1 wrote best.pt and last.pt
-    assert ideal.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
-    a, b = (torch.load(tmp_path / out / "last.pt", map_location="cpu", weights_only=True) for out in ("whole", "killed"))
-    assert not torch.equal(a["align"]["mean"], a["align"]["prior"])
-    for key in ("model", "align"):
-        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
-    ratio = (a["align"]["prior"] / a["align"]["mean"]).tolist()
-    assert [len(r["align"]) for r in log] == [4, 4] and log[-1]["align"] == pytest.approx(ratio, abs=1e-3)
 
 
 def test_unlabeled_gradients_reach_both_decoders_and_encoder_not_pseudo_labels():
     torch.manual_seed(0)
     model = ideal.IDEALSegmenter(3, depth=10, width=8)
     l1, l2 = model(torch.rand(2, 1, 32, 32))
-    y1, y2 = ideal.pseudo_label(l1), ideal.pseudo_label(l2)
+    y1, y2 = ideal.pseudo_label(l1, 0), ideal.pseudo_label(l2, 0)
     assert not y2.requires_grad
     _, _, unsup = ideal.cross_consistency_loss(l1[:0], l2[:0], torch.zeros(0, 32, 32, dtype=torch.long), l1, l2,
-                                               y1, y2)
+                                               y1, y2, 1.0, False)
     unsup.backward()
     for part in (model.encoder, model.d1, model.d2):
         assert sum(p.grad.abs().sum() for p in part.parameters() if p.grad is not None) > 0
@@ -1160,7 +1117,7 @@ def labeled_gradients(forward, with_unlabeled):
     g = torch.Generator().manual_seed(0)
     xl, ml = blob_batch(4, 32, g)
     xu = torch.rand(4, 1, 32, 32, generator=g) * 3 if with_unlabeled else None
-    parts = ideal.finetune_step(model, opt, xl, ml, xu, None, 0.0, forward)
+    parts = ideal.finetune_step(model, opt, xl, ml, xu, None, 0.0, forward, 0.0, False)
     return parts["sup"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -1197,18 +1154,11 @@ def test_decoders_differ_and_give_input_size():
 
 
 def test_rampup():
-    assert ideal.rampup(0, 100) == pytest.approx(math.exp(-5))
-    assert ideal.rampup(50, 100) == pytest.approx(math.exp(-1.25)) and ideal.rampup(100, 100) == 1.0
-    assert ideal.rampup(40, 100, fraction=0.4) == 1.0 and ideal.rampup(99, 100, fraction=0.4) == 1.0
-    assert ideal.rampup(0, 100, fraction=0) == 1.0
-    assert ideal.rampup(19, 100, start=0.2) == 0.0 and ideal.rampup(20, 100, start=0.2) == pytest.approx(math.exp(-5))
-    assert ideal.rampup(60, 100, fraction=0.4, start=0.2) == 1.0
-
-
-def test_learning_rate_schedules():
-    assert ideal.learning_rate(0.1, 50, 100, "constant") == 0.1
-    assert ideal.learning_rate(0.1, 0, 100, "poly") == 0.1
-    assert ideal.learning_rate(0.1, 50, 100, "poly") == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert ideal.rampup(0, 100, 1.0) == pytest.approx(math.exp(-5))
+    assert ideal.rampup(50, 100, 1.0) == pytest.approx(math.exp(-1.25)) and ideal.rampup(100, 100, 1.0) == 1.0
+    assert ideal.rampup(20, 100, 0.4) == pytest.approx(math.exp(-1.25))
+    assert ideal.rampup(40, 100, 0.4) == 1.0 and ideal.rampup(99, 100, 0.4) == 1.0
+    assert ideal.rampup(0, 100, 0) == 1.0
 
 
 @pytest.mark.parametrize("depth, params", [(18, 11_170_240), (50, 23_501_760)])
@@ -1247,8 +1197,8 @@ def test_pretraining_steps_reduce_loss():
     x, _ = blob_batch(8, 64, g)
     losses = []
     for _ in range(25):
-        losses.append(ideal.pretrain_step(model, opt, x, torch.Generator().manual_seed(len(losses)), tau=0.5)["loss"]
-                      .item())
+        losses.append(ideal.pretrain_step(model, opt, x, torch.Generator().manual_seed(len(losses)),
+                                          **dict(LOSS, tau=0.5))["loss"].item())
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
@@ -1259,7 +1209,7 @@ def test_overfitting_a_few_slices_reaches_high_dice():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, m = blob_batch(4, 64, g)
     for i in range(150):                                                     # both pseudo-label sources
-        ideal.finetune_step(model, opt, x, m, x, x if i % 2 else None, weight=0.5, threshold=0.5 * (i % 2))
+        ideal.finetune_step(model, opt, x, m, x, x if i % 2 else None, 0.5, "separate", 0.5 * (i % 2), False)
     model.eval()
     pred = ideal.predict(model, x).argmax(1)
     dice = [2 * ((pred == c) & (m == c)).sum() / ((pred == c).sum() + (m == c).sum()) for c in (1, 2)]
@@ -1355,25 +1305,17 @@ def test_recomputed_bn_holds_the_mean_of_the_batch_statistics_and_puts_the_runni
     assert bn.momentum == 0.1 and all(torch.equal(v, before[k]) for k, v in bn.named_buffers())
 
 
-def test_recomputed_bn_changes_what_is_judged_and_nothing_that_is_trained(phantom, pretrained, tmp_path):
-    """--bn-stats recomputed (the default): the same training (losses, last.pt) as --bn-stats running; the
-    validation Dice that one logs is logged as val_dice_running, and best.pt holds other BatchNorm statistics than
-    the run's own."""
+def test_best_pt_holds_recomputed_statistics_and_the_trained_weights(phantom, pretrained, tmp_path):
+    """The judged network (best.pt) is the trained one with BatchNorm statistics recomputed on the training slices;
+    the Dice under the running statistics is logged beside it as val_dice_running."""
     args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
-            "--epochs", "2", "--steps-per-epoch", "3", *TINY]
-    assert ideal.main([*args, "--out", str(tmp_path / "running"), "--bn-stats", "running"]) == 0
-    assert ideal.main([*args, "--out", str(tmp_path / "recomputed")]) == 0
-    logs = [[json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
-            for out in ("running", "recomputed")]
-    for a, b in zip(*logs):
-        assert (a["sup"], a["unsup"], a["val_dice"]) == (b["sup"], b["unsup"], b["val_dice_running"])
-    a, b = weights(tmp_path / "running" / "last.pt"), weights(tmp_path / "recomputed" / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert ideal.main([*args, "--out", str(tmp_path / "one"), "--epochs", "1"]) == 0
+            "--epochs", "1", "--steps-per-epoch", "3", "--out", str(tmp_path / "one"), *TINY]
+    assert ideal.main(args) == 0
     best, last = weights(tmp_path / "one" / "best.pt"), weights(tmp_path / "one" / "last.pt")
     stats = [k for k in best if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(best[k], last[k]) for k in best if k not in stats and "num_batches" not in k)
     assert all(not torch.equal(best[k], last[k]) for k in stats)
+    assert 0 <= json.loads((tmp_path / "one" / "log.jsonl").read_text())["val_dice_running"] <= 1
 
 
 def test_foreground_dice_by_hand():
@@ -1393,12 +1335,12 @@ def test_pseudo_label_quality_scores_the_validation_slices_and_leaves_training_a
     x, m = torch.rand(6, 1, 64, 64), torch.randint(0, 4, (6, 64, 64))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    cfg = {"unlabeled_batch": 4, "batch_size": 4, "num_classes": 4}
-    everything = ideal.pseudo_label_quality(model, x, m, cfg, 0.0, torch.Generator().manual_seed(1))
+    cfg = {"batch_size": 4, "num_classes": 4, "threshold": 0.0}
+    everything = ideal.pseudo_label_quality(model, x, m, cfg, torch.Generator().manual_seed(1))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and torch.equal(rng, torch.get_rng_state())
     assert everything["pl_kept"] == 1.0 and everything["pl_dice_kept"] == everything["pl_dice"]
     assert 0 <= everything["pl_dice"] <= 1 and 0 <= everything["pl_disagree"] <= 1 and everything["pl_fg_ratio"] > 0
-    sure = ideal.pseudo_label_quality(model, x, m, cfg, 0.99, torch.Generator().manual_seed(1))
+    sure = ideal.pseudo_label_quality(model, x, m, dict(cfg, threshold=0.99), torch.Generator().manual_seed(1))
     assert sure["pl_kept"] < 1 and sure["pl_fg_ratio"] < everything["pl_fg_ratio"]
     assert sure["pl_disagree"] == everything["pl_disagree"] and sure["pl_dice"] == everything["pl_dice"]
 
@@ -1420,25 +1362,6 @@ def test_finetune_logs_pseudo_label_quality_and_keeps_the_final_epoch(phantom, p
     assert ideal.main(["eval", "--run", str(out), "--checkpoint", "final", "--quiet"]) == 0
     assert json.loads((out / "eval-test-final" / "summary.json").read_text())["volumes"] == 4
     assert not (out / "eval-test").exists()
-
-
-def test_ema_is_validated_kept_and_resumed(phantom, pretrained, tmp_path, monkeypatch):
-    """--ema: best.pt holds the moving average of the weights and BatchNorm statistics, not the weights, and a run
-    killed in epoch 2 and resumed ends with the same weights and average as a run straight through."""
-    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
-            "--epochs", "2", "--steps-per-epoch", "3", "--ema", "0.5", "--bn-stats", "running", *TINY]
-    assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
-    killed_run(monkeypatch, args, tmp_path / "killed", 3)          # epoch 1 wrote best.pt and last.pt
-    last = torch.load(tmp_path / "killed" / "last.pt", map_location="cpu", weights_only=True)
-    best = weights(tmp_path / "killed" / "best.pt")
-    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
-    assert best.keys() == average.keys() == last["model"].keys() and int(last["ema"]["n_averaged"]) == 3
-    assert all(torch.equal(best[k], average[k]) for k in best)
-    assert not torch.equal(best["encoder.stem.0.weight"], last["model"]["encoder.stem.0.weight"])
-    assert ideal.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
-    a, b = (torch.load(tmp_path / out / "last.pt", map_location="cpu", weights_only=True) for out in ("whole", "killed"))
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
 
 
 def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
@@ -1479,10 +1402,7 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
     assert run["volume_ratio"] == summary["volume_ratio"]
     assert run["validation"] == dict(
         best=max(r["val_dice"] for r in log), spread=abs(log[0]["val_dice"] - log[1]["val_dice"]),
-        last10=pytest.approx((log[0]["val_dice"] + log[1]["val_dice"]) / 2),
-        running_best=max(r["val_dice_running"] for r in log), running_spread=pytest.approx(abs(
-            log[0]["val_dice_running"] - log[1]["val_dice_running"])),
-        running_last10=pytest.approx((log[0]["val_dice_running"] + log[1]["val_dice_running"]) / 2))
+        last10=pytest.approx((log[0]["val_dice"] + log[1]["val_dice"]) / 2))
     assert "| IDEAL" in (tmp_path / "table.md").read_text() and "| 20 |" in stdout
     rc, _, err = run_cli("ideal.py", "eval", "--run", out, "--split", "val", "--quiet")
     assert rc == 0, err
@@ -1495,20 +1415,16 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
     assert "The val split" in stdout and "paper" not in stdout
 
 
-def test_validation_curve_of_a_log_with_and_without_the_running_statistics(tmp_path):
-    dice, running = [0.1 * k for k in range(12)], [0.5] * 11 + [0.2]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"val_dice": d, "val_dice_running": r}) + "\n"
-                                                for d, r in zip(dice, running)))
-    curve = ideal.validation_curve(tmp_path)
-    assert curve == pytest.approx(dict(best=1.1, spread=0.9, last10=0.65, running_best=0.5, running_spread=0.3,
-                                       running_last10=0.47))
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"val_dice": d}) + "\n" for d in dice))
-    assert set(ideal.validation_curve(tmp_path)) == {"best", "spread", "last10"}
+def test_validation_curve_of_a_log(tmp_path):
+    dice = [0.1 * k for k in range(12)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"val_dice": d, "val_dice_running": 0.5}) + "\n"
+                                                for d in dice))
+    assert ideal.validation_curve(tmp_path) == pytest.approx(dict(best=1.1, spread=0.9, last10=0.65))
 
 
 def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
-    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "sup", "--no-pretrain",
-                         "--unlabeled-weight", "0", "--unlabeled-batch", "0", "--same-decoders", "--epochs", "1",
+    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "sup", "--pretrained", "none",
+                         "--unlabeled-weight", "0", "--same-decoders", "--epochs", "1",
                          "--steps-per-epoch", "2", *TINY)
     assert rc == 0, err
     log = json.loads((tmp_path / "sup" / "log.jsonl").read_text())
@@ -1516,7 +1432,7 @@ def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
 
 
 def test_bench_cli_prints_ratios():
-    rc, stdout, err = run_cli("ideal.py", "bench", "--steps", "1", *TINY)
+    rc, stdout, err = run_cli("ideal.py", "bench", "--steps", "1", *TINY[:2], *TINY[4:-1])
     assert rc == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["pretrain"]["ratio"] > 0 and result["finetune"]["ratio"] > 0
@@ -1558,8 +1474,9 @@ def test_run_sh_jobs_side_by_side_give_the_sequential_numbers(phantom, tmp_path)
         assert curves[0] == curves[1]
         scores = [json.loads((run / "eval-test" / "summary.json").read_text())["mean"] for run in (par, seq)]
         assert scores[0] == scores[1]
-    table = json.loads((tmp_path / "results" / "acdc-demo.json").read_text())
+    table = json.loads((tmp_path / "par" / "tables" / "acdc-demo.json").read_text())
     assert [len(row["per_run"]) for row in table["results"]] == [2]
+    assert not (tmp_path / "results").exists()                     # without PUBLISH=1 nothing outside runs/
 
 
 def test_run_sh_gives_each_job_its_share_of_the_cores(phantom, tmp_path):
@@ -1570,7 +1487,7 @@ def test_run_sh_gives_each_job_its_share_of_the_cores(phantom, tmp_path):
     share = max(1, len(os.sched_getaffinity(0)) // 2)
     for seed in ("seed0", "seed1"):
         assert f"on cpu ({share} threads)" in (tmp_path / "runs" / "supervised" / "L20" / f"{seed}.log").read_text()
-    wall = (tmp_path / "results" / "acdc-demo.md").read_text().splitlines()[-1]
+    wall = (tmp_path / "runs" / "tables" / "acdc-demo.md").read_text().splitlines()[-1]
     assert wall.endswith(f"(2 fine-tunings side by side, {share} thread(s) each)")
 
 
@@ -1599,10 +1516,13 @@ def test_run_sh_bad_settings_exit_2(env, words, phantom, tmp_path):
     (["pretrain", "--out", "x", "--size", "-64"], ["--size"]),
     (["pretrain", "--out", "x", "--size", "100"], ["--size", "multiple of 32"]),
     (["finetune", "--out", "x"], ["--pretrained"]),
-    (["finetune", "--out", "x", "--no-pretrain", "--labeled", "150"], ["--labeled"]),
-    (["finetune", "--out", "x", "--no-pretrain", "--ema", "1"], ["--ema"]),
+    (["finetune", "--out", "x", "--pretrained", "none", "--labeled", "150"], ["--labeled"]),
+    (["finetune", "--out", "x", "--pretrained", "none", "--ema", "0.9"], ["unrecognized", "--ema"]),
+    (["finetune", "--out", "x", "--pretrained", "none", "--label-map", " "], ["--label-map", "empty"]),
+    (["bench", "--spacing", "2"], ["unrecognized", "--spacing"]),
     (["finetune", "--out", "x", "--resume"], ["--pretrained", "x holds no checkpoint"]),
-    (["finetune", "--out", "x", "--no-pretrain", "--split-file", "s.json", "--labeled", "5"], ["--labeled", "--split"]),
+    (["finetune", "--out", "x", "--pretrained", "none", "--split-file", "s.json", "--labeled", "5"],
+     ["--labeled", "--split"]),
     (["pretrain", "--out", "x", "--device", "foo"], ["--device", "foo"]),
     (["pretrain", "--out", "x", "--device", "cuda:7"], ["--device", "cuda:7"]),
     (["pretrain", "--out", "x", "--device", "cpu:-1"], ["--device"]),
@@ -1664,17 +1584,20 @@ def test_non_finite_loss_stops_and_the_same_command_starts_again(phantom, tmp_pa
         (out / "done.json").unlink(), (out / "last.pt").unlink()
 
 
-def test_finetune_defaults_are_the_screened_ones_and_the_baselines_pin_labeled_ce():
-    """The defaults the README's screenings chose (issue 9); run.sh's baseline rows keep the paper's labeled CE."""
+def test_every_default_is_written_once_and_the_baselines_pin_labeled_ce():
+    """argparse shows DEFAULTS and PRESETS; run.sh's rows pin only what differs from them (the baselines: CE alone and
+    no unlabeled term); the README quotes the defaults block verbatim."""
     args = vars(ideal.build_parser().parse_args(["finetune", "--data", "d", "--out", "o"]))
-    assert {k: args[k] for k in ("forward", "pseudo", "threshold", "background_threshold", "sup_loss", "bn_stats",
-                                 "unlabeled_weight", "rampup")} == dict(
-        forward="separate", pseudo="weak", threshold=0.9, background_threshold=0.9, sup_loss="dice-ce",
-        bn_stats="recomputed", unlabeled_weight=1.0, rampup=0.4)
-    rows = (Path(ideal.__file__).parent / "run.sh").read_text()
-    for row in ("supervised", "pretrained-supervised"):
-        line = re.search(rf"^    {row}\) enc=\w*; init=\((.*?)\) ;;", rows, re.M | re.S).group(1)
-        assert "--sup-loss ce" in line, row
+    assert {k: args[k] for k in ideal.DEFAULTS if k in args and k != "labeled"} == {
+        k: v for k, v in ideal.DEFAULTS.items() if k in args and k != "labeled"}
+    rows = dict(re.findall(r"^    ([a-z|\- ]+)\) enc=\w*; init=\((.*?)\) ;;", (HERE / "run.sh").read_text(), re.M | re.S))
+    assert "--sup-loss ce" in rows["supervised"] and "--sup-loss ce" in rows["pretrained-supervised"]
+    for row, flags in rows.items():
+        pinned = dict(re.findall(r"--([a-z-]+) (\S+)", flags))
+        assert all(str(ideal.DEFAULTS.get(k.replace("-", "_"))) != v for k, v in pinned.items()), row
+    source = (HERE / "ideal.py").read_text()
+    block = source[source.index("PRESETS = {"):source.index("ARCH_KEYS = ")]
+    assert block in (HERE / "README.md").read_text()
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "eval", "predict", "report", "bench"])
@@ -1755,23 +1678,20 @@ def test_resume_refuses_fewer_epochs_and_changed_options(pretrained, tmp_path, c
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
 
 
-def test_a_run_made_before_newer_options_resumes_with_the_flags_that_pin_how_it_ran(phantom, pretrained, tmp_path,
-                                                                                      monkeypatch, capsys):
-    """A fine-tuning whose stored options predate --align, --sup-loss and --background-threshold resumes with the
-    flags that pin its behaviour (run.sh's rows pass them), and its background threshold stays --threshold's."""
+def test_a_run_made_before_the_retired_options_names_the_commit_that_resumes_it(phantom, pretrained, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A fine-tuning whose stored options include one retired since (or lack one added since) is refused in one line
+    naming the commit that can still resume it; nothing in its folder changes."""
     out = tmp_path / "old"
     args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
             "--epochs", "2", "--steps-per-epoch", "2", *TINY]
     killed_run(monkeypatch, args, out, 3)                          # epoch 1 wrote best.pt and last.pt
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    for k in ("align", "sup_loss", "background_threshold"):
-        del ckpt["config"][k]
+    ckpt["config"].update(align="none", ema=0.0)
     torch.save(ckpt, out / "last.pt")
-    pins = ["--align", "none", "--sup-loss", "ce", "--background-threshold", "0.9"]
-    assert_one_error_line(run_main(capsys, *args, "--out", out, "--resume", "--background-threshold", "0.97"),
-                          "--background-threshold 0.97", "0.9")
-    assert run_main(capsys, *args, "--out", out, "--resume", *pins)[0] == 0
-    assert torch.load(out / "last.pt", weights_only=True)["config"]["background_threshold"] == 0.9
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert_one_error_line(run_main(capsys, *args, "--out", out, "--resume"), "align", "ema", ideal.OLD_FORMAT)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_resume_reads_a_moved_dataset_and_keeps_the_number_of_processes(phantom, tmp_path, capsys):
@@ -1874,7 +1794,7 @@ def test_an_empty_validation_set_is_refused(tmp_path, capsys):
         nii(root / "imagesTr" / f"case{i}.nii.gz", noise((16, 16, 2), seed=i))
         nii(root / "labelsTr" / f"case{i}.nii.gz", labels((16, 16, 2)))
     out = tmp_path / "run"
-    assert_one_error_line(run_main(capsys, "finetune", "--data", root, "--out", out, "--no-pretrain", *TINY),
+    assert_one_error_line(run_main(capsys, "finetune", "--data", root, "--out", out, "--pretrained", "none", *TINY),
                           "validation volume")
     assert not out.exists()
 
@@ -1909,7 +1829,7 @@ def test_malformed_pretrained_checkpoints(kind, phantom, tmp_path, capsys):
 def test_a_deeply_nested_split_file_is_one_line(phantom, tmp_path, capsys):
     split = tmp_path / "split.json"
     split.write_text("[" * 100000 + "]" * 100000)
-    assert_one_error_line(run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--no-pretrain",
+    assert_one_error_line(run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained", "none",
                                    "--split-file", split, *TINY), str(split))
 
 
@@ -2304,6 +2224,128 @@ def test_agreement_undefined_cases():
         metrics.agreement([1.0, 2.0], [1.0])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Second red-team pass: data.py and metrics.py (RGB voxels, absurd voxel sizes, huge integers, empty label map,
+# a killed synth) and the beating phantom cine
+# ----------------------------------------------------------------------------------------------------------
+PIXDIM1 = 80  # byte offset of pixdim[1] (float32) in a NIfTI-1 header
+RGB = [("R", "u1"), ("G", "u1"), ("B", "u1")]
+
+
+def own_dataset(root, image=None):
+    """An own-layout dataset of one labeled volume; returns the image path."""
+    path = nii(root / "imagesTr" / "a.nii.gz", noise() if image is None else image)
+    nii(root / "labelsTr" / "a.nii.gz", np.random.default_rng(0).integers(0, 4, SHAPE).astype(np.uint8))
+    return path
+
+
+def patch_pixdim1(path, value):
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into("<f", raw, PIXDIM1, value)
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
+
+
+# 1. RGB voxels ------------------------------------------------------------------------------------------
+def test_rgb_nifti_is_one_line_everywhere(tmp_path):
+    path = own_dataset(tmp_path, np.zeros((8, 8, 3), RGB))
+    for read in (lambda: data.read_scan(path), lambda: data.load_volumes(tmp_path)):
+        with pytest.raises(DataError, match="RGB") as err:
+            read()
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert_one_error_line(run_cli("data.py", "info", tmp_path), str(path), "RGB", "not supported")
+    assert_one_error_line(run_cli("metrics.py", path, path), str(path), "integer labels")
+
+
+# 2. absurd voxel sizes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [1e30, 1e-30])
+def test_absurd_voxel_size_is_refused_by_data(tmp_path, value):
+    path = patch_pixdim1(own_dataset(tmp_path), value)
+    for read in (lambda: data.read_scan(path), lambda: data.load_volumes(tmp_path)):
+        with pytest.raises(DataError, match="plausible range") as err:
+            read()
+        assert str(path) in str(err.value) and f"{np.float32(value):g}" in str(err.value)
+    assert_one_error_line(run_cli("data.py", "info", tmp_path), str(path), "plausible range")
+
+
+@pytest.mark.parametrize("value", [1e30, 1e-30])
+def test_absurd_voxel_size_is_refused_by_metrics(tmp_path, value):
+    gt = patch_pixdim1(nii(tmp_path / "gt.nii.gz", np.ones((8, 8, 3), np.uint8)), value)
+    assert_one_error_line(run_cli("metrics.py", gt, gt), str(gt), "plausible range")
+    a = np.ones((4, 4), bool)
+    for call in (lambda: metrics.hd(a, a, (value, 1.0)), lambda: metrics.volume_ml(a, (1.0, value)),
+                 lambda: metrics.evaluate(a.astype(np.uint8), a.astype(np.uint8), (value, 1.0))):
+        with pytest.raises(ValueError, match="plausible range"):
+            call()
+    assert metrics.volume_ml(a, (1e-4, 1e4)) == pytest.approx(16e-3)  # the bounds themselves are accepted
+
+
+# 3. huge integers in a split file ---------------------------------------------------------------------
+def test_split_file_with_a_huge_integer_is_one_line(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text('{"seed": ' + "1" * 4400 + "}")
+    with pytest.raises(DataError, match="unreadable split file") as err:
+        data.load_split(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+# 4. empty label map -----------------------------------------------------------------------------------
+def test_empty_label_map_is_refused(tmp_path):
+    for text in ("", "  "):
+        with pytest.raises(DataError, match="--label-map must not be empty"):
+            data.parse_label_map(text)
+    assert data.parse_label_map(None) is None
+    own_dataset(tmp_path)
+    assert_one_error_line(run_cli("data.py", "info", tmp_path, "--label-map", ""), "--label-map must not be empty")
+
+
+# 5. synth is atomic -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("existing", [False, True])
+def test_synth_failing_midway_leaves_nothing_and_reruns(tmp_path, monkeypatch, existing):
+    out = tmp_path / "phantom"
+    if existing:
+        out.mkdir()
+    real, calls = data._write_patient, []
+
+    def flaky(folder, rng, group):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        real(folder, rng, group)
+
+    monkeypatch.setattr(data, "_write_patient", flaky)
+    with pytest.raises(OSError, match="No space"):
+        data.write_phantom(out, n=3)
+    assert calls[0].parent != out and calls[0].parent.name.startswith(".")  # written aside, not into out
+    assert [p.name for p in tmp_path.iterdir()] == (["phantom"] if existing else [])
+    assert not existing or not any(out.iterdir())
+    monkeypatch.setattr(data, "_write_patient", real)
+    data.write_phantom(out, n=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["phantom"]
+    _, volumes = data.load_volumes(out)
+    assert [v.id for v in volumes] == ["patient001"]
+
+
+# 6. beating phantom cine ------------------------------------------------------------------------------
+def test_write_cine_beats_and_reports_its_true_volumes(tmp_path):
+    path = tmp_path / "cine" / "heart.nii.gz"
+    truth = data.write_cine(path, frames=6, seed=3)
+    frames, img = data.read_scan(path)
+    assert len(frames) == 6 and img.shape[3] == 6 and [v.id for v in frames][:2] == ["heart_t0", "heart_t1"]
+    gt = nib.load(str(tmp_path / "cine" / "heart_gt.nii.gz"))
+    labels = np.asarray(gt.dataobj)
+    assert labels.shape == img.shape and labels.dtype == np.uint8 and np.array_equal(gt.affine, img.affine)
+    voxel = math.prod(frames[0].spacing)  # mm^3, as a reader of the file sees it
+    for c, key in ((3, "lv_ml"), (1, "rv_ml"), (2, "myo_ml")):
+        assert truth[key] == [int(np.count_nonzero(labels[..., t] == c)) * voxel / 1000 for t in range(6)]
+        assert all(type(v) is float for v in truth[key])
+    lv = truth["lv_ml"]
+    assert (truth["ed"], truth["es"]) == (0, 3) and lv[0] > lv[1] > lv[2] > lv[3] and lv[1:3] == lv[5:3:-1]
+    assert 30 < 100 * (lv[0] - lv[3]) / lv[0] < 80 and 20 < lv[3] and min(truth["myo_ml"]) > 20
+    with pytest.raises(DataError, match="frames >= 2"):
+        data.write_cine(tmp_path / "x.nii.gz", frames=1)
+
+
 # ==========================================================================================================
 # Using a trained model: predict, eval on other data, clinical indices
 # ==========================================================================================================
@@ -2311,7 +2353,7 @@ def test_agreement_undefined_cases():
 def tuned(phantom, tmp_path_factory):
     """One tiny fine-tuned run (supervised, 1 epoch of 2 steps) on the phantom: enough to segment with."""
     out = tmp_path_factory.mktemp("tuned") / "run"
-    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--no-pretrain", "--labeled", "20",
+    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--pretrained", "none", "--labeled", "20",
                          "--unlabeled-weight", "0", "--epochs", "1", "--steps-per-epoch", "2", *TINY)
     assert rc == 0, err
     return out
