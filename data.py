@@ -56,6 +56,7 @@ Decisions (for the README's "Decisions and deviations"):
 """
 import argparse
 import contextlib
+import csv
 import dataclasses
 import gzip
 import json
@@ -64,6 +65,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import sys
 import warnings
 import zlib
@@ -986,6 +988,152 @@ def write_cine(path, frames: int = 12, seed: int = 0, group: str = "NOR") -> dic
                for c, name in ((3, "lv"), (1, "rv"), (2, "myo"))}
     lv = volumes["lv_ml"]
     return {**volumes, "ed": int(np.argmax(lv)), "es": int(np.argmin(lv))}
+
+
+# ---------------------------------------------------------------------------------------- writing files
+def write_atomic(path, write):
+    """write(tmp) to a hidden temporary file beside path, then os.replace: never a half-written file. A failed write
+    (full disk, read-only folder) removes the temporary file and is a DataError naming path."""
+    folder, base = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}-{base}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Remove write_atomic's temporary files in folder left by processes that no longer run (a killed write)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = re.match(r"\.tmp(\d+)-", name)
+        if pid and not process_alive(int(pid.group(1))):
+            os.remove(os.path.join(folder, name))
+
+
+def process_alive(pid):
+    """Whether a process with this id runs (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2 ** 31                          # another user's process (or an absurd number: none)
+    return True
+
+
+def make_folder(path):
+    """os.makedirs(path, exist_ok=True); DataError naming path if it cannot be made (under a file, read-only)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{path}: cannot create this folder ({e.strerror or e})") from None
+
+
+def write_text(path, text):
+    """text written atomically."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(obj, path):
+    """obj as indented JSON, written atomically."""
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_csv(rows, path):
+    """A list of dicts (the first one's keys as the header) as CSV, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomic(path, write)
+
+
+def read_json(path):
+    """A JSON file; DataError naming it if it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
+
+
+COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 60], [60, 120, 240], [240, 200, 40], [200, 80, 220],
+                    [40, 220, 220], [250, 140, 40]], dtype=np.float32)
+
+
+def write_png(path, rgb):
+    """A minimal PNG writer (8-bit RGB, zlib from the standard library): rgb (H, W, 3) uint8."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))        # filter type 0 per row
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
+                chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def overlay_png(path, vol, pred, n_slices=3):
+    """Image | ground truth | prediction for a few mid slices of a native volume (like the paper's Fig. 3); image |
+    prediction when vol has no label. vol.image (X, Y, Z), pred (X, Y, Z) class indices."""
+    z = vol.image.shape[2]
+    rows = []
+    for k in np.linspace(z * 0.3, z * 0.7, n_slices).astype(int):
+        img = vol.image[:, :, k].T
+        img = (img - img.min()) / max(float(np.ptp(img)), 1e-6) * 255
+        grey = np.repeat(img[..., None], 3, -1)
+        panels = [grey]
+        for lab in ([] if vol.label is None else [vol.label]) + [pred]:
+            lab_k = lab[:, :, k].T.astype(int)
+            alpha = (lab_k > 0)[..., None] * 0.5
+            panels.append(grey * (1 - alpha) + COLOURS[lab_k % len(COLOURS)] * alpha)
+        rows.append(np.concatenate(panels, 1))
+    write_png(path, np.concatenate(rows, 0).clip(0, 255).astype(np.uint8))
+
+
+def nifti_name(path):
+    """NAME of a NAME.nii.gz / NAME.nii file, else None."""
+    base = os.path.basename(path)
+    ext = next((e for e in (".nii.gz", ".nii") if base.endswith(e) and len(base) > len(e)), None)
+    return base[:-len(ext)] if ext else None
+
+
+def walk_nifti(folder, out):
+    """Sorted .nii/.nii.gz files below folder, following symlinked folders (each real folder once); hidden files and
+    folders, and the --out folder, are skipped."""
+    files, seen = [], {os.path.realpath(out)}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
+        files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and nifti_name(n)]
+    return files
+
+
+def find_inputs(paths, out):
+    """[(NAME, path)] of --input: files as given, folders searched recursively, each path once (a symlink and its
+    target are two inputs, segmented under their own names). DataError for a missing path, a file that is not
+    .nii/.nii.gz, a folder without one, or an input inside --out."""
+    found = {}
+    for path in paths:
+        if os.path.isdir(path):
+            files = walk_nifti(path, out)
+        elif os.path.isfile(path):
+            files = [path] if nifti_name(path) else []
+        else:
+            raise DataError(f"{path}: no such file or folder")
+        if not files:
+            raise DataError(f"{path}: not a .nii or .nii.gz file, nor a folder holding one")
+        for file in files:
+            if os.path.commonpath([os.path.realpath(file), os.path.realpath(out)]) == os.path.realpath(out):
+                raise DataError(f"{file}: input inside --out {out}; choose another --out")
+            found.setdefault(os.path.abspath(file), file)
+    return [(nifti_name(file), file) for file in found.values()]
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

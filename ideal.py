@@ -561,29 +561,6 @@ def leave_distributed(clean=True):
         dist.destroy_process_group()
 
 
-def write_atomic(path, write):
-    """write(tmp) to a hidden temporary file beside path, then os.replace: never a half-written file. A failed write
-    (full disk, read-only folder) removes the temporary file and is a DataError naming path."""
-    folder, base = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp{os.getpid()}-{base}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise data.DataError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def make_folder(path):
-    """os.makedirs(path, exist_ok=True); DataError naming path if it cannot be made (under a file, read-only)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise data.DataError(f"{path}: cannot create this folder ({e.strerror or e})") from None
-
-
 def atomic_save(obj, path):
     """torch.save through write_atomic (torch reports a full disk as RuntimeError: made an OSError here)."""
     def save(tmp):
@@ -591,34 +568,70 @@ def atomic_save(obj, path):
             torch.save(obj, tmp)
         except RuntimeError as e:
             raise OSError(str(e).split("\n")[0]) from None
-    write_atomic(path, save)
-
-
-def write_json(obj, path):
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+    data.write_atomic(path, save)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unloadable, of another command or another architecture (one line)."""
+    """A checkpoint that is missing, damaged, unloadable, of another command or architecture, or whose stored config
+    the command line would refuse (one line)."""
 
 
 def load_checkpoint(path, keys, kind=None):
-    """A plain-dict checkpoint, loaded with weights_only=True; CheckpointError naming the file if it is not one, lacks
-    one of `keys` or was written by another command than `kind` (pretrain, finetune)."""
+    """A plain-dict checkpoint, loaded with weights_only=True after checking every entry's CRC (torch.load does not);
+    CheckpointError naming the file if it is damaged or not one, lacks one of `keys` or was written by another command
+    than `kind` (pretrain, finetune)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                            # unpickling refused, not a zip, truncated ...
+            ckpt = torch.load(path, map_location="cpu", weights_only=True) if damaged is None else None
+    except Exception as e:                            # not a zip, truncated, unpickling refused ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:160]})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged: the CRC of its entry {damaged} does not match")
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path}: not an IDEAL checkpoint (expected keys {', '.join(keys)})")
     if kind and ckpt.get("kind") != kind:
         raise CheckpointError(f"{path}: written by {ckpt.get('kind') or 'another program'}, not by {kind}")
     return ckpt
+
+
+# A stored config is checked with the command line's own rules (type, range, choices) and these for what it derives.
+DERIVED = {"world_size": lambda v, c: type(v) is int and 1 <= v <= 65536,
+           "num_classes": lambda v, c: type(v) is int and 2 <= v <= 256,
+           "class_names": lambda v, c: isinstance(v, list) and len(v) == c.get("num_classes") and all(
+               isinstance(n, str) for n in v),
+           "predict": lambda v, c: v in ("mean", "d1", "d2"),
+           "epochs": lambda v, c: type(v) is int and 1 <= v <= 10 ** 6}
+
+
+def check_config(cfg, command, path, keys):
+    """CheckpointError naming path and the values unless cfg holds each of keys with a value that the command line
+    of `command` would accept (or, for a derived entry, DERIVED's rule)."""
+    actions = {a.dest: a for a in subparser(command)._actions}
+    bad = [f"{k}={cfg.get(k, 'missing')!r}" for k in keys if k not in cfg or not valid(cfg[k], actions.get(k), k, cfg)]
+    if bad:
+        raise CheckpointError(f"{path}: holds an invalid config ({', '.join(bad[:5])[:300]})")
+
+
+def valid(value, action, key, cfg):
+    """Whether the command line would accept value for option action (or DERIVED's rule for key, if no option)."""
+    if action is None:
+        return DERIVED.get(key, lambda v, c: True)(value, cfg)
+    if isinstance(action, argparse._StoreTrueAction):
+        return type(value) is bool
+    if value is None:
+        return not action.required and action.default is None
+    try:
+        parsed = action.type(str(value)) if action.type else value
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
+    size_ok = key != "size" or parsed % 32 == 0
+    return type(value) is not bool and parsed == value and size_ok and (not action.choices or value in action.choices)
 
 
 def restore(cfg, ckpt, model, opt):
@@ -636,8 +649,7 @@ def check_arch(found, wanted, path):
 
 
 def load_state(obj, state, path, what="weights"):
-    """obj.load_state_dict(state) (strict for a module; an optimizer, an averaged model), turning a mismatch into one
-    line naming the offending keys."""
+    """obj.load_state_dict(state) (strict for a module), turning a mismatch into one line naming the keys."""
     try:
         obj.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, ValueError, KeyError) as e:
@@ -647,45 +659,48 @@ def load_state(obj, state, path, what="weights"):
 
 @contextlib.contextmanager
 def claimed(out):
-    """Hold an exclusive lock (fcntl) on the run folder `out`, created if missing, for the whole command: a second
-    process on the same --out stops at once. A folder created here is removed again if the command fails before
-    writing anything into it. Only rank 0 claims (other ranks never write)."""
+    """Hold an exclusive lock on the run folder `out` (flock on the folder itself, so no lock file; Unix only),
+    created if missing, for the whole command: a second process on the same --out stops at once. A folder created
+    here is removed again if the command fails before writing into it; temporary files of killed writes go. Only
+    rank 0 claims (other ranks never write)."""
     if rank() != 0:
         yield
         return
     created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, ".lock"), "a")
+        fd = os.open(out, os.O_RDONLY)
     except OSError as e:
         raise data.DataError(f"{out}: cannot create the run folder there ({e.strerror or e})") from None
     try:
         import fcntl                                 # Unix only, so imported where used
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
     except OSError:
-        lock.close()
+        os.close(fd)
         raise data.DataError(f"{out}: another process is running in this folder") from None
     try:
+        data.remove_stale_temporaries(out)
         yield
     finally:
-        lock.close()
-        if created and os.listdir(out) == [".lock"]:
-            shutil.rmtree(out)
+        os.close(fd)
+        if created and not os.listdir(out):
+            os.rmdir(out)
 
 
 RESUME_NEW = ("data", "compile")                            # may change on resume, and the new value holds
 RESUME_FREE = ("out", "resume", "quiet", "device", "epochs", "pretrained", *RESUME_NEW)   # "pretrained": read at start
-DERIVED = ("world_size", "num_classes", "class_names")      # stored beside the options
 OLD_FORMAT = "7f27063"  # the last commit that resumes runs with the options retired since (--align, --ema, ...)
 
 
 def open_run(cfg, command, given):
     """(cfg, last checkpoint or None) of the run in --out, whose lock the caller holds.
 
-    last.pt present: --resume continues it with its stored options (an option in `given`, the options named on the
-    command line, that differs from the stored one is refused; --epochs may extend it, never shorten it; with as
-    many processes as it was trained with). No last.pt: a new run, also in a folder left by a run that died before its
-    first checkpoint (nothing to lose).
+    last.pt present: --resume continues it with its stored options, each checked as the command line checks it (an
+    option in `given`, the options named on the command line, that differs from the stored one is refused; --epochs
+    may extend it, never shorten it; with as many processes as it was trained with). No last.pt: a new run, also in
+    a folder left by a run that died before its first checkpoint (nothing to lose).
     """
     out, last = cfg["out"], os.path.join(cfg["out"], "last.pt")
     if not os.path.exists(last):
@@ -702,22 +717,35 @@ def open_run(cfg, command, given):
         raise data.DataError(f"{last}: made by another version of ideal.py (options {', '.join(other)} differ); "
                              f"resume it with that version (a run made before the retired options: git checkout "
                              f"{OLD_FORMAT})")
+    check_config(stored, command, last, [k for k in stored if k not in RESUME_FREE or k == "epochs"])
+    check_progress(ckpt, stored, last)
     changed = [f"--{k.replace('_', '-')} {cfg[k]} (the run's: {stored.get(k)})" for k in sorted(given)
                if k not in RESUME_FREE and k in cfg and cfg[k] != stored.get(k)]
     if changed:
         raise data.DataError(f"{last}: a resumed run keeps its stored options; drop {', '.join(changed)} or start "
                              "a new --out")
-    if stored.get("world_size", world()) != world():
+    if stored["world_size"] != world():
         raise data.DataError(f"{last}: trained by {stored['world_size']} process(es), resumed by {world()}; the global "
                              "batch and its sampling would change (resume it with as many, or start a new --out)")
     epochs = cfg["epochs"] if "epochs" in given else stored["epochs"]
-    if epochs < ckpt["epoch"]:
-        raise data.DataError(f"{last}: --epochs {epochs} is fewer than the {ckpt['epoch']} epochs the run holds")
+    if epochs < stored["epochs"]:
+        raise data.DataError(f"{last}: --epochs {epochs} is fewer than the run's {stored['epochs']}; a resumed run "
+                             "may be extended, never shortened")
     if epochs > stored["epochs"]:
-        note(cfg, f"{out}: extended from {stored['epochs']} to {epochs} epochs; the learning-rate schedule and the "
-                  "ramp-up now span the longer run")
+        note(cfg, f"{out}: extended from {stored['epochs']} to {epochs} epochs; the ramp-up now spans the longer run")
     new = {k: cfg[k] for k in RESUME_NEW if k in given}
     return dict(stored, **new, out=out, quiet=cfg["quiet"], device=cfg["device"], resume=True, epochs=epochs), ckpt
+
+
+def check_progress(ckpt, cfg, path):
+    """CheckpointError unless last.pt's epoch counts its log's records (dicts) and lies within the run's epochs, and a
+    fine-tuning's best validation Dice is a number."""
+    log, epoch = ckpt["log"], ckpt["epoch"]
+    fine = ckpt.get("kind") != "finetune" or type(ckpt.get("best_val_dice")) is float
+    if not (isinstance(log, list) and all(isinstance(r, dict) for r in log) and type(epoch) is int
+            and 1 <= epoch == len(log) <= cfg["epochs"] and fine):
+        raise CheckpointError(f"{path}: holds an invalid training state (epoch {epoch!r} of {cfg['epochs']!r}, "
+                              f"a log of {type(log).__name__})")
 
 
 def start_run(cfg, split, ckpt):
@@ -731,9 +759,9 @@ def start_run(cfg, split, ckpt):
                 if os.path.exists(os.path.join(cfg["out"], name)):
                     os.remove(os.path.join(cfg["out"], name))
         if not ckpt:
-            write_json(cfg, os.path.join(cfg["out"], "config.json"))
-            write_atomic(os.path.join(cfg["out"], "split.json"), lambda tmp: data.save_split(split, tmp))
-        write_atomic(os.path.join(cfg["out"], "log.jsonl"),
+            data.write_json(cfg, os.path.join(cfg["out"], "config.json"))
+            data.write_atomic(os.path.join(cfg["out"], "split.json"), lambda tmp: data.save_split(split, tmp))
+        data.write_atomic(os.path.join(cfg["out"], "log.jsonl"),
                      lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
     return log
 
@@ -924,7 +952,7 @@ def pretrain(cfg, given=()):
         restore(cfg, ckpt, model, opt)
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     step_fn = parallel(model, cfg, device, find_unused=cfg["loss"] != "both")
-    note(cfg, f"pretrain: {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, {steps} steps "
+    note(cfg, f"pretrain: {hardware(cfg)}; {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, {steps} steps "
               f"of {b} x {world()} slices per epoch, epochs {start}->{cfg['epochs']}")
     progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
     for epoch in range(start, cfg["epochs"]):
@@ -942,7 +970,7 @@ def pretrain(cfg, given=()):
             "last.pt": {"kind": "pretrain", "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "epoch": epoch + 1, "config": cfg}})
     if rank() == 0:
-        write_json({"finished": True, "epochs": cfg["epochs"]}, os.path.join(cfg["out"], "done.json"))
+        data.write_json({"finished": True, "epochs": cfg["epochs"]}, os.path.join(cfg["out"], "done.json"))
     return model
 
 
@@ -966,6 +994,7 @@ def pretrain_step(model, opt, x, g, loss, tau, lambda_loc, negatives):
 def read_pretrained(cfg):
     """The state of E in a pre-training run's encoder.pt, after checking that its architecture is this run's."""
     ckpt = load_checkpoint(cfg["pretrained"], ("encoder", "config"))
+    check_config(ckpt["config"], "pretrain", cfg["pretrained"], ARCH_KEYS)
     if not isinstance(ckpt["encoder"], dict):
         raise CheckpointError(f"{cfg['pretrained']}: not an IDEAL checkpoint (its encoder is not a state dict)")
     check_arch(ckpt["config"], cfg, cfg["pretrained"])
@@ -1166,7 +1195,7 @@ def finetune_data(cfg, device):
     unlabeled = split["unlabeled"] or split["train"]
     x_u = slices_of(volumes, unlabeled, cfg, labels=False)
     x_v, m_v = slices_of(volumes, split["val"], cfg)
-    note(cfg, f"finetune: {len(split['labeled'])} labeled volumes ({len(x_l)} slices), "
+    note(cfg, f"finetune: {hardware(cfg)}; {len(split['labeled'])} labeled volumes ({len(x_l)} slices), "
               f"{len(unlabeled)} unlabeled ({len(x_u)} slices), {len(split['val'])} val")
     return split, classes, (to_device(x_l, device), m_l.to(device), to_device(x_u, device), x_v, m_v)
 
@@ -1224,7 +1253,7 @@ def finetune(cfg, given=()):
             "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
             "config": cfg, "best_val_dice": best}}))
     if rank() == 0:
-        write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
+        data.write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
                    os.path.join(cfg["out"], "done.json"))
     return model
 
@@ -1232,41 +1261,6 @@ def finetune(cfg, given=()):
 # ----------------------------------------------------------------------------------------------------------
 # eval
 # ----------------------------------------------------------------------------------------------------------
-COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 60], [60, 120, 240], [240, 200, 40], [200, 80, 220],
-                    [40, 220, 220], [250, 140, 40]], dtype=np.float32)
-
-
-def write_png(path, rgb):
-    """A minimal PNG writer (8-bit RGB, zlib from the standard library): rgb (H, W, 3) uint8."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))        # filter type 0 per row
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
-                chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def overlay_png(path, vol, pred, n_slices=3):
-    """Image | ground truth | prediction for a few mid slices of a native volume (like the paper's Fig. 3); image |
-    prediction when vol has no label. vol.image (X, Y, Z), pred (X, Y, Z) class indices."""
-    z = vol.image.shape[2]
-    rows = []
-    for k in np.linspace(z * 0.3, z * 0.7, n_slices).astype(int):
-        img = vol.image[:, :, k].T
-        img = (img - img.min()) / max(float(np.ptp(img)), 1e-6) * 255
-        grey = np.repeat(img[..., None], 3, -1)
-        panels = [grey]
-        for lab in ([] if vol.label is None else [vol.label]) + [pred]:
-            lab_k = lab[:, :, k].T.astype(int)
-            alpha = (lab_k > 0)[..., None] * 0.5
-            panels.append(grey * (1 - alpha) + COLOURS[lab_k % len(COLOURS)] * alpha)
-        rows.append(np.concatenate(panels, 1))
-    write_png(path, np.concatenate(rows, 0).clip(0, 255).astype(np.uint8))
-
-
 class Stopwatch:
     """Wall time per stage: `with watch("network"): ...` adds the block's seconds to watch.seconds["network"]."""
 
@@ -1295,9 +1289,7 @@ def load_run(run, device, checkpoint="best"):
     path = os.path.join(run, f"{checkpoint}.pt")
     ckpt = load_checkpoint(path, ("model", "config"))
     run_cfg = ckpt["config"]
-    missing = [k for k in RUN_KEYS if not isinstance(run_cfg, dict) or k not in run_cfg]
-    if missing:
-        raise CheckpointError(f"{path}: its config lacks {', '.join(missing)} (not a fine-tuning checkpoint)")
+    check_config(run_cfg, "finetune", path, RUN_KEYS)
     model = IDEALSegmenter(run_cfg["num_classes"], run_cfg["depth"], run_cfg["width"], run_cfg["same_decoders"])
     load_state(model, ckpt["model"], path)
     return run_cfg, to_device(model, torch.device(device))
@@ -1322,10 +1314,13 @@ def segment(model, vols, run_cfg, mode, batch_size, watch, probabilities=False):
 
 
 def eval_setup(cfg, run_cfg):
-    """(data folder, layout, volumes to score, results folder). --split test|val|train: the run's split.json (ACDC
-    by patient, whatever --frames) into RUN/eval-SPLIT, RUN/eval-SPLIT-FRAMES when --frames differs from the run's;
-    --split all: every labeled volume into RUN/eval-<data folder name>-all. --layout, --frames and --label-map
-    default to the run's; a ground-truth class the run does not predict is an error."""
+    """(data folder, layout, volumes to score, results folder, what identifies the evaluation). --split
+    test|val|train: the run's split.json (ACDC by patient, whatever --frames) into RUN/eval-SPLIT; --split all: every
+    labeled volume into RUN/eval-<data folder name>-all; -FRAMES added when --frames is not the run's, -final for
+    final.pt; --out chooses another folder. --layout, --frames and --label-map default to the run's; a ground-truth
+    class the run does not predict is an error."""
+    check_config(run_cfg, "finetune", os.path.join(cfg["run"], f"{cfg['checkpoint']}.pt"),
+                 ("data", "layout", "frames", "label_map"))
     opts = {k: run_cfg[k] if cfg[k] is None else cfg[k] for k in ("layout", "frames", "label_map")}
     root = cfg["data"] or run_cfg["data"] or resolve_data(run_cfg)
     layout, volumes = data.load_volumes(root, **opts)
@@ -1336,104 +1331,94 @@ def eval_setup(cfg, run_cfg):
     else:
         split_file = os.path.join(cfg["run"], "split.json")
         chosen = [v for v in data.select(volumes, data.load_split(split_file)[name], split_file) if v.label is not None]
-        other_frames = layout == "acdc" and opts["frames"] != run_cfg["frames"]
-        folder = f"eval-{name}" + (f"-{opts['frames']}" if other_frames else "")
+        folder = f"eval-{name}"
     if not chosen:
         raise data.DataError(f"{root}: no labeled volume in split {name!r} to evaluate")
     for vol in chosen:
         if vol.label.max() >= run_cfg["num_classes"]:
             raise data.DataError(f"{vol.path}: the ground truth of this image holds class {vol.label.max()}, the "
                                  f"run predicts 0-{run_cfg['num_classes'] - 1}; pass --label-map")
-    return root, layout, chosen, os.path.join(cfg["run"], folder + ("-final" if cfg["checkpoint"] == "final" else ""))
+    folder += (f"-{opts['frames']}" if layout == "acdc" and opts["frames"] != run_cfg["frames"] else "") + \
+        ("-final" if cfg["checkpoint"] == "final" else "")
+    identity = dict(run=os.path.abspath(cfg["run"]), checkpoint=cfg["checkpoint"], split=name,
+                    data=os.path.abspath(root), predict=cfg["predict"] or run_cfg["predict"], **dict(opts, layout=layout))
+    return root, layout, chosen, cfg["out"] or os.path.join(cfg["run"], folder), identity
+
+
+def claim_results(out, identity):
+    """Make the results folder out for the evaluation `identity` (evaluation.json): DataError if it holds files of
+    another evaluation, so that a folder never mixes two."""
+    if os.path.isdir(out) and os.listdir(out):
+        stored = data.read_json(os.path.join(out, "evaluation.json")) if os.path.exists(
+            os.path.join(out, "evaluation.json")) else {}
+        differ = [k for k in identity if stored.get(k) != identity[k]]
+        if differ:
+            what = ", ".join(f"{k} {stored.get(k)}" for k in differ)[:200]
+            raise data.DataError(f"{out}: holds another evaluation ({what}); remove it or pass --out")
+    data.make_folder(out)
+    data.remove_stale_temporaries(out)
+    data.write_json(identity, os.path.join(out, "evaluation.json"))
 
 
 def evaluate_run(cfg):
     """Predict every slice of each volume, map back to the native grid; per volume and class DSC/ASD/HD/HD95 in mm
-    and the structure's volume in ml (metrics.csv, summary.json); for ACDC patients with ED and ES frames the
-    clinical indices (clinical.csv, summary.json "clinical")."""
+    and the structure's volume in ml (metrics.csv, summary.json, with ED and ES apart where both are scored); for
+    ACDC patients with ED and ES frames the clinical indices (clinical.csv, summary.json "clinical", Bland-Altman
+    plots)."""
     run_cfg, model = load_run(cfg["run"], cfg["device"], cfg["checkpoint"])
-    root, layout, volumes, out = eval_setup(cfg, run_cfg)
-    for sub in ("", "pred", "png"):
-        if not sub or cfg[f"save_{sub}"]:
-            make_folder(os.path.join(out, sub))
-    mode, labels = cfg["predict"] or run_cfg["predict"], list(range(1, run_cfg["num_classes"]))
+    root, layout, volumes, out, identity = eval_setup(cfg, run_cfg)
+    claim_results(out, identity)
+    for sub in ("pred", "png"):
+        if cfg[f"save_{sub}"]:
+            data.make_folder(os.path.join(out, sub))
+    labels = list(range(1, run_cfg["num_classes"]))
     per_volume, rows, measured = [], [], []
     for i, vol in enumerate(volumes, 1):
-        (pred,), _ = segment(model, [vol], run_cfg, mode, run_cfg["batch_size"], Stopwatch())
+        (pred,), _ = segment(model, [vol], run_cfg, identity["predict"], run_cfg["batch_size"], Stopwatch())
         if cfg["save_pred"]:
-            path = os.path.join(out, "pred", f"{vol.id}.nii.gz")
-            write_atomic(path, lambda tmp: data.save_label_nifti(pred, vol, tmp))
+            data.write_atomic(os.path.join(out, "pred", f"{vol.id}.nii.gz"), lambda t: data.save_label_nifti(pred, vol, t))
         if cfg["save_png"]:
-            write_atomic(os.path.join(out, "png", f"{vol.id}.png"), lambda tmp: overlay_png(tmp, vol, pred))
+            data.write_atomic(os.path.join(out, "png", f"{vol.id}.png"), lambda tmp: data.overlay_png(tmp, vol, pred))
         result = metrics.evaluate(pred, vol.label, vol.spacing, labels)
         ml = {c: (metrics.volume_ml(pred == c, vol.spacing), metrics.volume_ml(vol.label == c, vol.spacing))
               for c in labels}
         per_volume.append(result)
-        measured.append((vol, ml))
+        measured.append((vol.case, vol.frame, ml))
         note(cfg, f"eval {i}/{len(volumes)} {vol.id}: DSC " + " ".join(f"{result[c]['dsc']:.3f}" for c in labels))
         rows += [dict(id=vol.id, label=c, **result[c], volume_ml_pred=ml[c][0], volume_ml_gt=ml[c][1])
                  for c in labels]
-    write_csv(rows, os.path.join(out, "metrics.csv"))
-    summary = metrics.summarize(per_volume)
-    summary.update(run=cfg["run"], split=cfg["split_name"], data=root, predict=mode, volumes=len(per_volume),
-                   units="mm", volume_ratio=volume_ratios(measured, labels))
-    clinical = clinical_rows(measured) if layout == "acdc" else []
+    data.write_csv(rows, os.path.join(out, "metrics.csv"))
+    summary = dict(metrics.summarize(per_volume), **identity, volumes=len(per_volume), units="mm",
+                   volume_ratio=volume_ratios(measured, labels))
+    frames = {f: [r for r, m in zip(per_volume, measured) if m[1] == f] for f in ("ED", "ES")}
+    if all(frames.values()):
+        summary["frames"] = {f: metrics.summarize(r) for f, r in frames.items()}
+    clinical = metrics.clinical_rows(measured) if layout == "acdc" else []
     if clinical:
-        write_csv(clinical, os.path.join(out, "clinical.csv"))
-        summary["clinical"] = clinical_agreement(clinical)
-    write_json(summary, os.path.join(out, "summary.json"))
+        data.write_csv(clinical, os.path.join(out, "clinical.csv"))
+        summary["clinical"] = metrics.clinical_agreement(clinical)
+        bland_altman(clinical, summary["clinical"], out + os.sep)
+    data.write_json(summary, os.path.join(out, "summary.json"))
     print_summary(summary, run_cfg["class_names"])
     if clinical:
-        print_clinical(summary["clinical"])
+        print("\n" + metrics.clinical_table(summary["clinical"]))
     return summary
 
 
 def volume_ratios(measured, labels):
     """{class: predicted / true volume summed over the volumes} (NaN where the truth is empty): below 1 a class is
-    under-segmented on the whole, above 1 over-segmented. measured: [(volume, {class: (pred ml, true ml)})]."""
-    sums = {c: np.sum([ml[c] for _, ml in measured], axis=0) for c in labels}
+    under-segmented on the whole, above 1 over-segmented. measured: [(case, frame, {class: (pred ml, true ml)})]."""
+    sums = {c: np.sum([ml[c] for _, _, ml in measured], axis=0) for c in labels}
     return {str(c): float(p / t) if t > 0 else math.nan for c, (p, t) in sums.items()}
 
 
-# ACDC challenge definitions (classes 1 RV, 2 MYO, 3 LV): index -> unit; myocardial mass = MYO volume at ED x 1.05.
-CLINICAL = {"lv_edv": "ml", "lv_esv": "ml", "lv_ef": "%", "rv_edv": "ml", "rv_esv": "ml", "rv_ef": "%",
-            "myo_mass": "g"}
-MYO_DENSITY = 1.05  # g/ml
-
-
-def clinical_indices(ed, es):
-    """The indices of CLINICAL for one patient from its class volumes in ml ({class: ml}) at ED and ES: LV and RV
-    end-diastolic and end-systolic volume (ml), ejection fraction 100 (EDV - ESV) / EDV (%), myocardial mass at
-    ED (g). A NaN volume makes the indices that use it NaN."""
-    out = {}
-    for name, c in (("lv", 3), ("rv", 1)):
-        out[f"{name}_edv"], out[f"{name}_esv"] = ed[c], es[c]
-        out[f"{name}_ef"] = metrics.ejection_fraction(ed[c], es[c])
-    out["myo_mass"] = ed[2] * MYO_DENSITY
-    return out
-
-
-def clinical_rows(measured):
-    """One row {case, INDEX_pred, INDEX_gt for INDEX in CLINICAL} per patient (Volume.case) with an ED and an ES
-    volume. measured: [(Volume, {class: (ml predicted, ml ground truth)})]; an empty ground-truth structure
-    counts as NaN (the index is undefined, and metrics.agreement counts it)."""
-    phases = {}
-    for vol, ml in measured:
-        phases.setdefault(vol.case, {})[vol.frame] = ml
-    rows = []
-    for case, ml in phases.items():
-        if "ED" in ml and "ES" in ml:
-            pred = clinical_indices(*({c: v[0] for c, v in ml[p].items()} for p in ("ED", "ES")))
-            gt = clinical_indices(*({c: v[1] or math.nan for c, v in ml[p].items()} for p in ("ED", "ES")))
-            rows.append({"case": case, **{f"{k}_{side}": idx[k] for k in CLINICAL
-                                          for side, idx in (("pred", pred), ("gt", gt))}})
-    return rows
-
-
-def clinical_agreement(rows):
-    """{INDEX: unit, n, n_nan, r, bias, sd, loa_low, loa_high}: prediction against ground truth over the patients."""
-    return {k: dict(unit=unit, **metrics.agreement([r[f"{k}_pred"] for r in rows], [r[f"{k}_gt"] for r in rows]))
-            for k, unit in CLINICAL.items()}
+def bland_altman(rows, agreement, prefix):
+    """PREFIXbland-altman-INDEX.svg for LV EF, RV EF and LV EDV (metrics.bland_altman_svg)."""
+    for k in ("lv_ef", "rv_ef", "lv_edv"):
+        pairs = [(r[f"{k}_pred"], r[f"{k}_gt"]) for r in rows if not math.isnan(r[f"{k}_pred"] + r[f"{k}_gt"])]
+        if len(pairs) > 1:
+            data.write_text(f"{prefix}bland-altman-{k}.svg", metrics.bland_altman_svg(
+                pairs, agreement[k], k.replace("_", " ").upper(), metrics.CLINICAL[k]))
 
 
 def print_summary(summary, names):
@@ -1447,69 +1432,18 @@ def print_summary(summary, names):
         print(f"{name:12s} " + " ".join(f"{c:>15s}" for c in cells) + f"  {sum(row[m]['n_nan'] for m in row)}")
 
 
-def print_clinical(clinical):
-    """A table of the clinical indices: patients used, Pearson r, bias and 95 % limits of agreement (pred - gt)."""
-    print(f"\n{'index':10s} {'unit':>4s} {'n':>4s} {'r':>7s} {'bias':>9s} {'limits of agreement':>21s}  NaNs left out")
-    for k, a in clinical.items():
-        print(f"{k:10s} {a['unit']:>4s} {a['n']:4d} {a['r']:7.3f} {a['bias']:9.2f} {a['loa_low']:9.2f} to "
-              f"{a['loa_high']:8.2f}  {a['n_nan']}")
-
-
-def write_csv(rows, path):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    write_atomic(path, write)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # predict
 # ----------------------------------------------------------------------------------------------------------
-def nifti_name(path):
-    """NAME of a NAME.nii.gz / NAME.nii file, else None."""
-    base = os.path.basename(path)
-    ext = next((e for e in (".nii.gz", ".nii") if base.endswith(e) and len(base) > len(e)), None)
-    return base[:-len(ext)] if ext else None
-
-
-def walk_nifti(folder, out):
-    """Sorted .nii/.nii.gz files below folder; hidden files and folders, and the --out folder, are skipped."""
-    files, skip = [], os.path.realpath(out)
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != skip)
-        files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and nifti_name(n)]
-    return files
-
-
-def find_inputs(paths, out):
-    """[(NAME, path)] of --input: files as given, folders searched recursively, each file once. DataError for a
-    missing path, a file that is not .nii/.nii.gz, a folder without one, or an input inside --out."""
-    found = {}
-    for path in paths:
-        if os.path.isdir(path):
-            files = walk_nifti(path, out)
-        elif os.path.isfile(path):
-            files = [path] if nifti_name(path) else []
-        else:
-            raise data.DataError(f"{path}: no such file or folder")
-        if not files:
-            raise data.DataError(f"{path}: not a .nii or .nii.gz file, nor a folder holding one")
-        for file in files:
-            if os.path.commonpath([os.path.realpath(file), os.path.realpath(out)]) == os.path.realpath(out):
-                raise data.DataError(f"{file}: input inside --out {out}; choose another --out")
-            found.setdefault(os.path.realpath(file), file)
-    return [(nifti_name(file), file) for file in found.values()]
-
-
 def plan(inputs, cfg):
-    """[(NAME, path, {kind: output path})] of the outputs still to write ("labels" OUT/NAME.nii.gz, "prob"
-    OUT/NAME_prob.nii.gz, "png" OUT/NAME.png; existing ones only with --overwrite), inputs with none left out.
-    DataError naming both inputs when two would write one file."""
+    """[(NAME, path, {kind: output path})] of the outputs still to write ("labels" OUT/NAME.nii.gz, "volumes"
+    OUT/NAME_volumes.csv with NAME_summary.json and, for a cine, NAME_volumes.svg, "prob" OUT/NAME_prob.nii.gz,
+    "png" OUT/NAME.png; existing ones only with --overwrite), inputs with none left out. DataError naming both inputs
+    when two would write one file."""
     owner, todo = {}, []
     for name, path in inputs:
-        files = {"labels": f"{name}.nii.gz", "prob": f"{name}_prob.nii.gz" if cfg["probabilities"] else None,
+        files = {"labels": f"{name}.nii.gz", "volumes": f"{name}_volumes.csv",
+                 "prob": f"{name}_prob.nii.gz" if cfg["probabilities"] else None,
                  "png": f"{name}.png" if cfg["save_png"] else None}
         files = {k: os.path.join(cfg["out"], v) for k, v in files.items() if v}
         for file in files.values():
@@ -1524,19 +1458,48 @@ def plan(inputs, cfg):
 
 def predict_file(model, run_cfg, path, files, mode, batch_size, watch):
     """Segment one 3D (X, Y, Z) or 4D (X, Y, Z, T) image and write files ({kind: path} of plan): uint8 labels of
-    the input's shape, float32 probabilities (*shape, C), the overlay PNG of the first frame. Returns the shape."""
+    the input's shape, the volumes (write_volumes), float32 probabilities (*shape, C), the overlay PNG of the first
+    frame. Returns (shape, the cine's cardiac indices or None)."""
     with watch("read"):
         frames, img = data.read_scan(path, warn=False)
     labels, probs = segment(model, frames, run_cfg, mode, batch_size, watch, "prob" in files)
     with watch("write"):
         if "labels" in files:
-            write_atomic(files["labels"], lambda tmp: data.save_like(np.stack(labels, 3).reshape(img.shape), img, tmp))
+            data.write_atomic(files["labels"], lambda tmp: data.save_like(np.stack(labels, 3).reshape(img.shape), img, tmp))
         if "prob" in files:
-            write_atomic(files["prob"],
+            data.write_atomic(files["prob"],
                          lambda tmp: data.save_like(np.stack(probs, 3).reshape(*img.shape, -1), img, tmp))
         if "png" in files:
-            write_atomic(files["png"], lambda tmp: overlay_png(tmp, frames[0], labels[0]))
-    return img.shape
+            data.write_atomic(files["png"], lambda tmp: data.overlay_png(tmp, frames[0], labels[0]))
+        indices = write_volumes(files.get("volumes"), frames, labels, run_cfg["class_names"], path)
+    return img.shape, indices
+
+
+def write_volumes(csv_path, frames, labels, names, source):
+    """NAME_volumes.csv (one row per frame, numbered from 1 as ACDC's Info.cfg: each class's volume in ml) and
+    NAME_summary.json; for a cine of the ACDC classes (1 RV, 2 MYO, 3 LV) also the cardiac indices (ED = the frame
+    of the largest LV volume, ES of the smallest: EDV, ESV, stroke volume, EF, myocardial mass at ED) in the summary
+    and NAME_volumes.svg, the LV and RV volume curves with ED and ES marked. Returns the indices (or None)."""
+    ml = [{c: metrics.volume_ml(lab == c, f.spacing) for c in range(1, len(names))} for f, lab in zip(frames, labels)]
+    indices = metrics.cine_indices(ml) if len(ml) > 1 and list(names[1:4]) == ["RV", "MYO", "LV"] else None
+    if csv_path is None:
+        return indices
+    data.write_csv([dict(frame=t + 1, **{f"{names[c]}_ml": v for c, v in m.items()}) for t, m in enumerate(ml)], csv_path)
+    stem = csv_path[:-len("_volumes.csv")]
+    summary = dict(input=os.path.abspath(source), frames=len(ml), frame_numbers="from 1, as ACDC's Info.cfg",
+                   volumes_ml={names[c]: [m[c] for m in ml] for c in ml[0]})
+    if indices:
+        summary.update(indices, ed=indices["ed"] + 1, es=indices["es"] + 1)
+        lv, rv = [m[3] for m in ml], [m[1] for m in ml]
+        t = list(range(1, len(ml) + 1))
+        series = [dict(name="LV", x=t, y=lv), dict(name="RV", x=t, y=rv),
+                  dict(name="ED", x=[summary["ed"]], y=[lv[indices["ed"]]], line=False),
+                  dict(name="ES", x=[summary["es"]], y=[lv[indices["es"]]], line=False)]
+        data.write_text(f"{stem}_volumes.svg", metrics.svg_plot(
+            series, "frame", "volume, ml", f"{os.path.basename(stem)}: LV EF {indices['lv_ef']:.1f} %, "
+            f"RV EF {indices['rv_ef']:.1f} %"))
+    data.write_json(summary, f"{stem}_summary.json")
+    return indices
 
 
 def predict_run(cfg):
@@ -1546,7 +1509,7 @@ def predict_run(cfg):
     out = cfg["out"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise data.DataError(f"{out}: --out exists and is not a folder")
-    inputs = find_inputs(cfg["input"], out)
+    inputs = data.find_inputs(cfg["input"], out)
     todo = plan(inputs, cfg)
     if len(todo) < len(inputs):
         note(cfg, f"predict: {len(inputs) - len(todo)} of {len(inputs)} inputs already have their outputs in {out}, "
@@ -1561,18 +1524,21 @@ def predict_run(cfg):
               f"{run_cfg['depth']} width {run_cfg['width']}, {run_cfg['size']}x{run_cfg['size']} at "
               f"{run_cfg['spacing']} mm, classes {', '.join(run_cfg['class_names'])}, predict {mode}, "
               f"batch {batch_size}, {cfg['device']}")
-    make_folder(out)
+    data.make_folder(out)
+    data.remove_stale_temporaries(out)
     total = {}
     for i, (name, path, files) in enumerate(todo, 1):
         watch = Stopwatch()
-        shape = predict_file(model, run_cfg, path, files, mode, batch_size, watch)
+        shape, indices = predict_file(model, run_cfg, path, files, mode, batch_size, watch)
         total = {k: total.get(k, 0.0) + v for k, v in watch.seconds.items()}
         stages = ", ".join(f"{k} {v:.2f}" for k, v in watch.seconds.items())
+        ef = f"; LV EF {indices['lv_ef']:.1f} % (ED frame {indices['ed'] + 1}, ES frame {indices['es'] + 1}), RV " \
+             f"EF {indices['rv_ef']:.1f} %" if indices else ""
         note(cfg, f"predict {i}/{len(todo)} {name} {'x'.join(map(str, shape))}: {sum(watch.seconds.values()):.2f} s "
-                  f"({stages} s)")
+                  f"({stages} s){ef}")
     spent = max(sum(total.values()), 1e-9)
     note(cfg, f"predict: {len(todo)} inputs in {spent:.1f} s, {spent / len(todo):.2f} s each, "
-              f"{100 * (1 - total['network'] / spent):.0f} % of it outside the network; outputs in {out}")
+              f"{100 * (1 - total.get('network', 0) / spent):.0f} % of it outside the network; outputs in {out}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1598,11 +1564,12 @@ METRIC_NAMES = dict(zip(metrics.METRICS, ("DSC", "ASD mm", "HD mm", "HD95 mm")))
 
 
 def collect(runs, rows=None, split="test"):
-    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ (eval-SPLIT/summary.json,
-    eval-SPLIT-final/summary.json where it exists, and log.jsonl), for the rows named in `rows` (default: every row
-    found), in that order."""
+    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ of each folder in runs
+    (eval-SPLIT/summary.json, eval-SPLIT-final/summary.json where it exists, and log.jsonl), for the rows named in
+    `rows` (default: every row found), in that order."""
     table = {}
-    for path in sorted(glob.glob(os.path.join(runs, "*", "L*", "seed*", f"eval-{split}", "summary.json"))):
+    for path in sorted(p for r in runs for p in glob.glob(os.path.join(r, "*", "L*", "seed*", f"eval-{split}",
+                                                                          "summary.json"))):
         row, frac = path.split(os.sep)[-5:-3]
         if (rows is None or row in rows) and re.fullmatch(r"L\d+(\.\d+)?", frac):
             run = os.path.dirname(os.path.dirname(path))
@@ -1619,21 +1586,12 @@ def collect(runs, rows=None, split="test"):
 
 def read_summary(path):
     """An eval summary.json with a number for the mean and std of every metric over the volumes; DataError else."""
-    record = read_json(path)
+    record = data.read_json(path)
     means = record.get("mean") if isinstance(record, dict) else None
     if not isinstance(means, dict) or not all(isinstance(means.get(m), dict) and all(
             isinstance(means[m].get(k), (int, float)) for k in ("mean", "std")) for m in metrics.METRICS):
         raise data.DataError(f"{path}: not an eval summary (no numeric mean and std of {', '.join(metrics.METRICS)})")
     return record
-
-
-def read_json(path):
-    """A JSON file of a run folder; DataError naming it if it cannot be read or parsed."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise data.DataError(f"{path}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
 
 
 def validation_curve(run):
@@ -1690,10 +1648,12 @@ def report(cfg):
     """results/<name>.md, .json and .svg (DSC against the labeled fraction) from the runs under --runs: test
     metrics (or another --split's), the final checkpoint's DSC, validation Dice, and the paper's Table 1 beside
     IDEAL for the datasets the paper used (test split only)."""
+    if cfg["clinical"]:
+        return clinical_report(cfg)
     split = cfg["split_name"]
     table = collect(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None, split)
     if not table:
-        raise data.DataError(f"{cfg['runs']}: no <row>/L<fraction>/seed<k>/eval-{split}/summary.json found")
+        raise data.DataError(f"{' '.join(cfg['runs'])}: no <row>/L<fraction>/seed<k>/eval-{split}/summary.json found")
     paper = PAPER_TABLE1.get(cfg["dataset"]) if "ideal" in table and split == "test" else None
     scope = "Test set: mean ± std over test volumes" if split == "test" else \
         f"The {split} split (`eval --split {split}`): mean ± std over its volumes"
@@ -1708,84 +1668,84 @@ def report(cfg):
              "validation Dice of a run; val spread: max - min of its validation Dice over the last 10 epochs (means "
              "over runs).", "", *rows]
     text = "\n".join(lines) + "\n"
-    make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
-    write_atomic(f"{cfg['out']}.md", lambda tmp: Path(tmp).write_text(text))
-    write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], split=split, units="mm",
+    data.make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
+    data.write_text(f"{cfg['out']}.md", text)
+    data.write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], split=split, units="mm",
                     results=results), f"{cfg['out']}.json")
     series = [dict(name=row, x=[r["labeled_percent"] for r in results if r["row"] == row],
                    y=[r["dsc"]["mean"] for r in results if r["row"] == row],
                    err=[r["dsc"]["std"] for r in results if r["row"] == row]) for row in table]
-    write_atomic(f"{cfg['out']}.svg", lambda tmp: write_svg(tmp, series, "labeled training volumes, %", f"{split} DSC",
-                                                             cfg["title"], xlog=True))
+    data.write_text(f"{cfg['out']}.svg", metrics.svg_plot(series, "labeled training volumes, %", f"{split} DSC",
+                                                         cfg["title"], xlog=True))
     print(text, end="")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Figures: plain SVG text, no plotting package
-# ----------------------------------------------------------------------------------------------------------
-SVG_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+# Published agreement on the ACDC challenge's test set (Bernard et al., IEEE TMI 2018; another split than ours).
+ANCHORS = ("ACDC challenge, best methods: LV EF r 0.99 (bias within ±0.5, SD about 3 points), LV EDV r 0.997, "
+           "myocardial mass r 0.98-0.99; plain 2D U-Nets trained on ED and ES: LV EF r 0.94-0.97, RV EF r 0.86-0.90; "
+           "two human readers differ by 4.6-7.5 EF points (Bernard et al., IEEE TMI 2018, on the challenge's test set).")
+CLINICAL_COLUMNS = ("lv_edv", "lv_esv", "lv_ef", "rv_edv", "rv_esv", "rv_ef", "myo_mass")
 
 
-def ticks(lo, hi, n=6):
-    """Round tick values (1, 2 or 5 times a power of ten apart), at most about n, covering [lo, hi]."""
-    raw = (hi - lo) / n
-    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw))
-                >= raw)
-    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+def collect_clinical(runs, rows):
+    """{label: {fraction: [summary of each seed]}}: every run's evaluation on both ACDC frames of the test patients,
+    eval-test of a run trained on both frames (labelled ROW), eval-test-both of one trained on ED (ROW, ED only)."""
+    table = {}
+    for path in sorted(p for r in runs for p in glob.glob(os.path.join(r, "*", "L*", "seed*", "config.json"))):
+        run = os.path.dirname(path)
+        row, frac = run.split(os.sep)[-3:-1]
+        both = data.read_json(path).get("frames") == "both"
+        summary = os.path.join(run, "eval-test" if both else "eval-test-both", "summary.json")
+        if (rows and row not in rows) or not os.path.exists(summary):
+            continue
+        record = read_summary(summary)
+        if "clinical" not in record or "frames" not in record:
+            raise data.DataError(f"{summary}: not an evaluation of ED and ES frames (eval --frames both)")
+        record["rows"] = list(csv.DictReader(open(os.path.join(os.path.dirname(summary), "clinical.csv"))))
+        table.setdefault(row if both else f"{row}, ED only", {}).setdefault(frac[1:], []).append(record)
+    return {k: dict(sorted(v.items(), key=lambda kv: float(kv[0]))) for k, v in table.items()}
 
 
-def write_svg(path, series, xlabel, ylabel, title, hlines=(), xlog=False):
-    """A plot written as SVG text: axes with ticks in the data's units, per series a polyline (unless "line" is
-    False) and markers with their values as data-x / data-y (and error bars where "err" is given), dashed horizontal
-    lines hlines [(y, label)], and a legend. series: [{"name", "x", "y", "err" (optional), "line" (optional)}]."""
-    w, h, left, right, top, bottom = 720, 420, 70, 190, 40, 55
-    fx = (lambda v: math.log10(v)) if xlog else (lambda v: v)
-    xs = [fx(x) for s in series for x in s["x"]]
-    ys = [y + sign * e for s in series for y, e in zip(s["y"], s.get("err") or [0] * len(s["y"])) for sign in (-1, 1)]
-    ys += [y for y, _ in hlines]
-    x0, x1 = min(xs), max(xs) + (max(xs) == min(xs))
-    pad = (max(ys) - min(ys)) * 0.08 or 1.0
-    y0, y1 = min(ys) - pad, max(ys) + pad
-    px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (w - left - right)                          # noqa: E731
-    py = lambda v: h - bottom - (v - y0) / (y1 - y0) * (h - top - bottom)                        # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-           'font-family="sans-serif" font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{w / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>',
-           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>']
-    for v in sorted({x for s in series for x in s["x"]}) if xlog else ticks(x0, x1):
-        out.append(f'<text x="{px(v):.1f}" y="{h - bottom + 18}" text-anchor="middle">{v:g}</text>')
-    for v in ticks(y0, y1):
-        out.append(f'<line x1="{left - 4}" y1="{py(v):.1f}" x2="{left}" y2="{py(v):.1f}" stroke="black"/>'
-                   f'<text x="{left - 7}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
-    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">{escape(xlabel)}</text>'
-               f'<text transform="translate(16 {(top + h - bottom) / 2}) rotate(-90)" text-anchor="middle">'
-               f'{escape(ylabel)}</text>')
-    for y, label in hlines:
-        out.append(f'<line class="hline" data-y="{y!r}" x1="{left}" y1="{py(y):.1f}" x2="{w - right}" '
-                   f'y2="{py(y):.1f}" stroke="grey" stroke-dasharray="5 4"/><text x="{w - right + 4}" '
-                   f'y="{py(y) + 4:.1f}" fill="grey">{escape(label)}</text>')
-    for i, s in enumerate(series):
-        out += svg_series(s, px, py, SVG_COLOURS[i % len(SVG_COLOURS)], (w - right + 10, top + 18 * i))
-    Path(path).write_text("\n".join(out + ["</svg>"]) + "\n")
-
-
-def svg_series(s, px, py, colour, legend):
-    """The SVG elements of one series of write_svg: a group holding its line, markers, error bars and legend entry."""
-    out = [f'<g class="series" data-name="{escape(s["name"])}" stroke="{colour}" fill="{colour}">']
-    if s.get("line", True) and len(s["x"]) > 1:
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s["x"], s["y"]))
-        out.append(f'<polyline points="{points}" fill="none" stroke-width="2"/>')
-    for k, (x, y) in enumerate(zip(s["x"], s["y"])):
-        err = s["err"][k] if s.get("err") else None
-        if err:
-            out.append(f'<line x1="{px(x):.1f}" y1="{py(y - err):.1f}" x2="{px(x):.1f}" y2="{py(y + err):.1f}"/>')
-        out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" data-x="{x!r}" data-y="{y!r}"'
-                   + (f' data-err="{err!r}"' if err else "") + f'><title>{escape(s["name"])}: {x:g}, {y:.3f}'
-                   + (f" ± {err:.3f}" if err else "") + "</title></circle>")
-    out.append(f'<line x1="{legend[0]}" y1="{legend[1]}" x2="{legend[0] + 18}" y2="{legend[1]}" stroke-width="2"/>'
-               f'<text x="{legend[0] + 24}" y="{legend[1] + 4}" stroke="none">{escape(s["name"])}</text></g>')
-    return out
+def clinical_report(cfg):
+    """OUT.md, .json and Bland-Altman SVGs of the clinical table: per row and fraction (mean ± std over seeds), DSC
+    per class on ED and on ES frames, and each index's Pearson r and bias (95 % limits of agreement for EF)."""
+    table = collect_clinical(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None)
+    if not table:
+        raise data.DataError(f"{' '.join(cfg['runs'])}: no run evaluated on ED and ES frames found")
+    classes = [k for k in next(iter(next(iter(table.values())).values()))[0]["frames"]["ED"] if k.isdigit()]
+    dsc = [f"{f} {c}" for f in ("ED", "ES") for c in classes + ["mean"]]
+    lines = [f"# {cfg['title']}: volumes, ejection fraction and mass", "", f"Made by `{cfg['made_by']}` at commit "
+             f"{cfg['commit']}.", "", "Test patients, ED and ES frames. DSC per class (1 RV, 2 MYO, 3 LV) on ED and "
+             "on ES frames; each clinical index as Pearson r / bias (prediction - truth; ml, %, g), for EF with the 95 "
+             "% limits of agreement; mean ± std over seeds (pipelines). " + ANCHORS, "",
+             "| row | L % | " + " | ".join(dsc) + " | runs |", "|---|---|" + "---|" * (len(dsc) + 1)]
+    index_lines, results, best = ["| row | L % | " + " | ".join(CLINICAL_COLUMNS) + " |",
+                                  "|---|---|" + "---|" * len(CLINICAL_COLUMNS)], [], None
+    for row, fractions in table.items():
+        for frac, runs in fractions.items():
+            cells = {f"{f} {c}": cell([r["frames"][f][c]["dsc"] for r in runs]) for f in ("ED", "ES") for c in
+                     classes + ["mean"]}
+            agree = {k: {m: cell([r["clinical"][k][m] for r in runs]) for m in ("r", "bias", "loa_low", "loa_high")}
+                     for k in CLINICAL_COLUMNS}
+            lines.append(f"| {row} | {frac} | " + " | ".join(c[2] for c in cells.values()) + f" | {len(runs)} |")
+            index_lines.append(f"| {row} | {frac} | " + " | ".join(
+                f"{a['r'][0]:.3f} / {a['bias'][0]:+.1f}" + (f" [{a['loa_low'][0]:.0f}, {a['loa_high'][0]:.0f}]"
+                                                            if k.endswith("_ef") else "")
+                for k, a in agree.items()) + " |")
+            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs), **{
+                k: {"mean": c[0], "std": c[1]} for k, c in cells.items()}, clinical={
+                k: {m: {"mean": c[0], "std": c[1]} for m, c in a.items()} for k, a in agree.items()}))
+            if best is None or agree["lv_ef"]["r"][0] > best[0]:
+                best = (agree["lv_ef"]["r"][0], row, frac, [x for r in runs for x in r["rows"]])
+    pooled = [{k: float(v) for k, v in r.items() if k != "case"} for r in best[3]]
+    bland_altman(pooled, metrics.clinical_agreement(pooled), f"{cfg['out']}-")
+    text = "\n".join(lines + ["", *index_lines, "", f"Bland-Altman plots of the row of best LV EF r ({best[1]} at "
+                              f"{best[2]} %, every seed's patients): `{os.path.basename(cfg['out'])}-bland-altman-"
+                              "{lv_ef,rv_ef,lv_edv}.svg`."]) + "\n"
+    data.write_text(f"{cfg['out']}.md", text)
+    data.write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], results=results),
+               f"{cfg['out']}.json")
+    print(text, end="")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2015,11 +1975,12 @@ def add_eval_options(p):
     p.add_argument("--run", type=text, required=True, help="fine-tuning run folder (holding best.pt)")
     p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train", "all"),
                    help="test|val|train: the run's split.json (ACDC by patient, so --frames both scores ED and ES), "
-                   "results in RUN/eval-SPLIT (eval-SPLIT-FRAMES when --frames differs from the run's); all: every "
-                   "labeled volume of --data, results in RUN/eval-<data folder name>-all")
+                   "results in RUN/eval-SPLIT; all: every labeled volume of --data, results in RUN/eval-<data folder "
+                   "name>-all; -FRAMES is added when --frames is not the run's, -final with --checkpoint final")
     p.add_argument("--predict", choices=("mean", "d1", "d2"), help="decoders' prediction (default: the run's)")
     p.add_argument("--checkpoint", default="best", choices=("best", "final"), help="best.pt (best validation Dice) "
                    "or final.pt (the last epoch's), results in RUN/eval-.../ or RUN/eval-...-final/")
+    p.add_argument("--out", type=text, help="results folder (default: RUN/eval-SPLIT..., see --split)")
     p.add_argument("--save-pred", action="store_true", help="write eval-SPLIT/pred/ID.nii.gz")
     p.add_argument("--save-png", action="store_true", help="write eval-SPLIT/png/ID.png overlays")
 
@@ -2039,7 +2000,9 @@ def add_predict_options(p):
 
 
 def add_report_options(p):
-    p.add_argument("--runs", type=text, required=True, help="folder with <row>/L<fraction>/seed<k>/eval-SPLIT/")
+    p.add_argument("--runs", type=text, required=True, nargs="+", help="folders with <row>/L<fraction>/seed<k>/")
+    p.add_argument("--clinical", action="store_true", help="the clinical table: each run's evaluation on ED and ES "
+                   "frames (eval-test of runs trained on both, eval-test-both of runs trained on ED)")
     p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train", "all"),
                    help="whose evaluations to tabulate (eval --split; default: test)")
     p.add_argument("--out", type=text, required=True, help="writes OUT.md and OUT.json")
@@ -2122,10 +2085,21 @@ def resolve(args, parser):
         parser.error(f"argument --size: must be a multiple of 32 (the encoder's stride), got {cfg['size']}")
     if args.command == "finetune":
         check_finetune(cfg, parser)
-    if args.command != "bench":
-        threads = f" ({torch.get_num_threads()} threads)" if cfg["device"] == "cpu" else ""
-        note(cfg, f"{args.command}: preset {cfg['preset']} on {cfg['device']}{threads}")
+    if cfg.get("sync_bn") and not cfg["device"].startswith("cuda"):
+        parser.error(f"argument --sync-bn: SyncBatchNorm needs CUDA devices, this run is on {cfg['device']}")
     return cfg
+
+
+def hardware(cfg):
+    """'preset P on DEVICE (N threads)' for a training command's first note."""
+    threads = f" ({torch.get_num_threads()} threads)" if cfg["device"] == "cpu" else ""
+    return f"preset {cfg['preset']} on {cfg['device']}{threads}"
+
+
+def subparser(command):
+    """The parser of one sub-command: its actions check a stored config as they check the command line."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
 
 
 def check_finetune(cfg, parser):
@@ -2163,14 +2137,20 @@ def main(argv=None):
         else:
             {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command](cfg)
     except (data.DataError, CheckpointError) as e:
-        print(f"ideal.py {args.command}: error: {e}", file=sys.stderr)
+        error(args.command, e)
         return 2
     except (FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError) as e:
-        print(f"ideal.py {args.command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        error(args.command, e)
         return 1
     finally:
         leave_distributed(clean=False)               # after an error; a no-op once left
     return 0
+
+
+def error(command, e):
+    """The one line of an error on stderr, from rank 0 only under torchrun."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"ideal.py {command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
 
 
 if __name__ == "__main__":

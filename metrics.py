@@ -46,6 +46,7 @@ import contextlib
 import gzip
 import logging
 import math
+from html import escape
 import sys
 import time
 import warnings
@@ -578,6 +579,145 @@ def agreement(pred, gt):
     sd = float(diff.std(ddof=1)) if diff.size >= 2 else math.nan
     return {"n": int(diff.size), "n_nan": int(kept.size - diff.size), "r": _pearson(pred, gt), "bias": bias,
             "sd": sd, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
+
+
+# ACDC challenge indices (classes 1 RV, 2 MYO, 3 LV): index -> unit. Myocardial mass = MYO volume at ED x 1.05 g/ml.
+CLINICAL = {"lv_edv": "ml", "lv_esv": "ml", "lv_sv": "ml", "lv_ef": "%", "rv_edv": "ml", "rv_esv": "ml",
+            "rv_sv": "ml", "rv_ef": "%", "myo_mass": "g"}
+MYO_DENSITY = 1.05
+
+
+def clinical_indices(ed, es):
+    """CLINICAL's indices of one heart from its class volumes in ml ({class: ml}) at ED and ES: LV and RV
+    end-diastolic and end-systolic volume, stroke volume EDV - ESV, ejection fraction 100 (EDV - ESV) / EDV (%),
+    myocardial mass at ED (g). A NaN volume makes the indices that use it NaN."""
+    out = {}
+    for name, c in (("lv", 3), ("rv", 1)):
+        out[f"{name}_edv"], out[f"{name}_esv"] = float(ed[c]), float(es[c])
+        out[f"{name}_sv"], out[f"{name}_ef"] = float(ed[c] - es[c]), ejection_fraction(ed[c], es[c])
+    out["myo_mass"] = float(ed[2] * MYO_DENSITY)
+    return out
+
+
+def cine_indices(frames):
+    """CLINICAL's indices of a cine from its class volumes per frame ([{class: ml}]), with ED the frame of the
+    largest LV volume and ES that of the smallest (0-based indices "ed", "es"; ties: the first)."""
+    lv = [v[3] for v in frames]
+    ed, es = int(np.argmax(lv)), int(np.argmin(lv))
+    return {"ed": ed, "es": es, **clinical_indices(frames[ed], frames[es])}
+
+
+def clinical_rows(measured):
+    """One row {case, INDEX_pred, INDEX_gt for INDEX in CLINICAL} per case with an ED and an ES frame.
+
+    measured: [(case, frame "ED" or "ES", {class: (ml predicted, ml ground truth)})]; an empty ground-truth
+    structure counts as NaN (the index is undefined, and agreement counts it).
+    """
+    phases = {}
+    for case, frame, ml in measured:
+        phases.setdefault(case, {})[frame] = ml
+    rows = []
+    for case, ml in phases.items():
+        if "ED" in ml and "ES" in ml:
+            pred = clinical_indices(*({c: v[0] for c, v in ml[p].items()} for p in ("ED", "ES")))
+            gt = clinical_indices(*({c: v[1] or math.nan for c, v in ml[p].items()} for p in ("ED", "ES")))
+            rows.append({"case": case, **{f"{k}_{side}": idx[k] for k in CLINICAL
+                                          for side, idx in (("pred", pred), ("gt", gt))}})
+    return rows
+
+
+def clinical_agreement(rows):
+    """{INDEX: unit, n, n_nan, r, bias, sd, loa_low, loa_high} of clinical_rows: prediction against ground truth."""
+    return {k: dict(unit=unit, **agreement([r[f"{k}_pred"] for r in rows], [r[f"{k}_gt"] for r in rows]))
+            for k, unit in CLINICAL.items()}
+
+
+def clinical_table(clinical):
+    """clinical_agreement as text: cases used, Pearson r, bias and 95 % limits of agreement (pred - gt)."""
+    lines = [f"{'index':10s} {'unit':>4s} {'n':>4s} {'r':>7s} {'bias':>9s} {'limits of agreement':>21s}  NaNs left out"]
+    lines += [f"{k:10s} {a['unit']:>4s} {a['n']:4d} {a['r']:7.3f} {a['bias']:9.2f} {a['loa_low']:9.2f} to "
+              f"{a['loa_high']:8.2f}  {a['n_nan']}" for k, a in clinical.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: plain SVG text, no plotting package
+SVG_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def ticks(lo, hi, n=6):
+    """Round tick values (1, 2 or 5 times a power of ten apart), at most about n, covering [lo, hi]."""
+    raw = (hi - lo) / n
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw))
+                >= raw)
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def svg_plot(series, xlabel, ylabel, title, hlines=(), xlog=False):
+    """A plot as SVG text (no plotting package): axes with ticks in the data's units, per series a polyline (unless
+    "line" is False) and markers with their values as data-x / data-y (and error bars where "err" is given), dashed
+    horizontal lines hlines [(y, label)], and a legend. series: [{"name", "x", "y", "err", "line"}], the last two
+    optional."""
+    w, h, left, right, top, bottom = 720, 420, 70, 190, 40, 55
+    fx = (lambda v: math.log10(v)) if xlog else (lambda v: v)
+    xs = [fx(x) for s in series for x in s["x"]]
+    ys = [y + sign * e for s in series for y, e in zip(s["y"], s.get("err") or [0] * len(s["y"])) for sign in (-1, 1)]
+    ys += [y for y, _ in hlines]
+    x0, x1 = min(xs), max(xs) + (max(xs) == min(xs))
+    pad = (max(ys) - min(ys)) * 0.08 or 1.0
+    y0, y1 = min(ys) - pad, max(ys) + pad
+    px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (w - left - right)                          # noqa: E731
+    py = lambda v: h - bottom - (v - y0) / (y1 - y0) * (h - top - bottom)                        # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           'font-family="sans-serif" font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{w / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>',
+           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>']
+    for v in sorted({x for s in series for x in s["x"]}) if xlog else ticks(x0, x1):
+        out.append(f'<text x="{px(v):.1f}" y="{h - bottom + 18}" text-anchor="middle">{v:g}</text>')
+    for v in ticks(y0, y1):
+        out.append(f'<line x1="{left - 4}" y1="{py(v):.1f}" x2="{left}" y2="{py(v):.1f}" stroke="black"/>'
+                   f'<text x="{left - 7}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">{escape(xlabel)}</text>'
+               f'<text transform="translate(16 {(top + h - bottom) / 2}) rotate(-90)" text-anchor="middle">'
+               f'{escape(ylabel)}</text>')
+    for y, label in hlines:
+        out.append(f'<line class="hline" data-y="{y!r}" x1="{left}" y1="{py(y):.1f}" x2="{w - right}" '
+                   f'y2="{py(y):.1f}" stroke="grey" stroke-dasharray="5 4"/><text x="{w - right + 4}" '
+                   f'y="{py(y) + 4:.1f}" fill="grey">{escape(label)}</text>')
+    for i, s in enumerate(series):
+        out += svg_series(s, px, py, SVG_COLOURS[i % len(SVG_COLOURS)], (w - right + 10, top + 18 * i))
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def svg_series(s, px, py, colour, legend):
+    """The SVG elements of one series of svg_plot: a group holding its line, markers, error bars and legend entry."""
+    out = [f'<g class="series" data-name="{escape(s["name"])}" stroke="{colour}" fill="{colour}">']
+    if s.get("line", True) and len(s["x"]) > 1:
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s["x"], s["y"]))
+        out.append(f'<polyline points="{points}" fill="none" stroke-width="2"/>')
+    for k, (x, y) in enumerate(zip(s["x"], s["y"])):
+        err = s["err"][k] if s.get("err") else None
+        if err:
+            out.append(f'<line x1="{px(x):.1f}" y1="{py(y - err):.1f}" x2="{px(x):.1f}" y2="{py(y + err):.1f}"/>')
+        out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" data-x="{x!r}" data-y="{y!r}"'
+                   + (f' data-err="{err!r}"' if err else "") + f'><title>{escape(s["name"])}: {x:g}, {y:.3f}'
+                   + (f" ± {err:.3f}" if err else "") + "</title></circle>")
+    out.append(f'<line x1="{legend[0]}" y1="{legend[1]}" x2="{legend[0] + 18}" y2="{legend[1]}" stroke-width="2"/>'
+               f'<text x="{legend[0] + 24}" y="{legend[1] + 4}" stroke="none">{escape(s["name"])}</text></g>')
+    return out
+
+
+def bland_altman_svg(pairs, agreement, title, unit):
+    """A Bland-Altman plot (svg_plot) of (prediction, truth) pairs: their mean against their difference, with lines
+    at the bias and at its 95 % limits of agreement (agreement's)."""
+    a = agreement
+    lines = [(a["bias"], f"bias {a['bias']:.1f}"), (a["loa_low"], f"-1.96 sd {a['loa_low']:.1f}"),
+             (a["loa_high"], f"+1.96 sd {a['loa_high']:.1f}")]
+    series = [dict(name=f"{len(pairs)} cases", x=[(p + t) / 2 for p, t in pairs], y=[p - t for p, t in pairs],
+                   line=False)]
+    return svg_plot(series, f"mean of prediction and truth, {unit}", f"prediction - truth, {unit}",
+                    f"{title}: r {a['r']:.3f}, bias {a['bias']:.2f} {unit}", hlines=lines)
 
 
 # ---------------------------------------------------------------------------------------------

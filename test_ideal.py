@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -1668,7 +1669,7 @@ def test_resume_writes_only_into_the_folder_given(pretrained, tmp_path):
     assert log_epochs(copy) == [1, 2, 3] and json.loads((copy / "done.json").read_text())["epochs"] == 3
 
 
-@pytest.mark.parametrize("extra, words", [(["--epochs", "1"], ["--epochs 1", "2 epochs"]),
+@pytest.mark.parametrize("extra, words", [(["--epochs", "1"], ["--epochs 1", "the run's 2"]),
                                           (["--lr", "0.5"], ["--lr 0.5", "stored options"])])
 def test_resume_refuses_fewer_epochs_and_changed_options(pretrained, tmp_path, capsys, extra, words):
     copy = tmp_path / "copy"
@@ -1756,11 +1757,14 @@ def test_where_to_continue_from_without_a_run_folder():
 def test_a_second_process_on_the_same_out_stops_at_once(phantom, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
-    with open(out / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd = os.open(out, os.O_RDONLY)                                  # the lock is on the folder itself
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", out, *TINY)
+    finally:
+        os.close(fd)
     assert_one_error_line((rc, "", err), str(out), "another process")
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert not list(out.iterdir())
 
 
 def test_non_finite_weights_are_never_saved(phantom, tmp_path, monkeypatch, capsys):
@@ -2456,7 +2460,7 @@ def test_eval_all_on_unseen_acdc_patients_gives_hand_computed_volumes_and_ef(tun
     rc, stdout, err = run_cli("ideal.py", "eval", "--run", tuned, "--data", root, "--split", "all", "--frames", "both",
                               "--quiet")
     assert rc == 0, err
-    ev = tuned / "eval-other-all"
+    ev = tuned / "eval-other-all-both"                             # --frames both is not the run's
     rows = {(r["id"], int(r["label"])): r for r in csv_rows(ev / "metrics.csv")}
     assert len(rows) == 4 * 3
     for pid, phases in UNSEEN.items():
@@ -2529,3 +2533,306 @@ def test_select_matches_patients_across_frame_settings():
     assert [v.id for v in data.select(ed, ["patient008_ED", "patient008_ES"], "s")] == ["patient008"]
     with pytest.raises(DataError, match="s: ids not among the volumes: patient009"):
         data.select(ed, ["patient007", "patient009"], "s")
+
+
+# ==========================================================================================================
+# Second red-team pass: ideal.py
+# ==========================================================================================================
+def test_resume_never_shortens_a_killed_run(phantom, pretrained, tmp_path, monkeypatch, capsys):
+    """Killed after its first epoch, a 3-epoch fine-tuning resumed with --epochs 2 is refused (the stored target,
+    not the epochs done, is what may only grow); nothing in the folder changes."""
+    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
+            "--epochs", "3", "--steps-per-epoch", "2", *TINY]
+    killed_run(monkeypatch, args, tmp_path / "run", 3)             # epoch 1 wrote best.pt and last.pt
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert_one_error_line(run_main(capsys, *args, "--out", tmp_path / "run", "--resume", "--epochs", "2"),
+                          "--epochs 2", "run's 3", "never shortened")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+@pytest.mark.parametrize("key, value", [("depth", 11), ("num_classes", "abc"), ("num_classes", 10 ** 12),
+                                        ("width", -8), ("size", 0), ("size", 48), ("spacing", 0.0),
+                                        ("spacing", float("nan")), ("predict", "xyz"), ("batch_size", 0),
+                                        ("class_names", None), ("same_decoders", "yes")])
+def test_a_best_pt_with_one_bad_config_value_is_refused_before_anything_is_written(tuned, tmp_path, capsys, key,
+                                                                                   value):
+    run = tmp_path / "run"
+    shutil.copytree(tuned, run, ignore=shutil.ignore_patterns("eval-*"))
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    ckpt["config"][key] = value
+    torch.save(ckpt, run / "best.pt")
+    (tmp_path / "in").mkdir()
+    nii(tmp_path / "in" / "a.nii.gz", noise((40, 40, 3)))
+    assert_one_error_line(run_main(capsys, "predict", "--run", run, "--input", tmp_path / "in", "--out",
+                                   tmp_path / "out"), "best.pt", "invalid config", key)
+    assert not (tmp_path / "out").exists()
+    assert_one_error_line(run_main(capsys, "eval", "--run", run, "--quiet"), "best.pt", "invalid config", key)
+    assert not list(run.glob("eval-*"))
+
+
+@pytest.mark.parametrize("change", [dict(log="abc"), dict(epoch=-5), dict(epoch=7), dict(config_lr="fast")])
+def test_a_last_pt_with_a_bad_state_is_refused_before_anything_is_touched(pretrained, tmp_path, capsys, change):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    for k, v in change.items():
+        if k.startswith("config_"):
+            ckpt["config"][k[7:]] = v
+        else:
+            ckpt[k] = v
+    torch.save(ckpt, run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert_one_error_line(run_main(capsys, "pretrain", "--out", run, "--resume", "--epochs", "3", *TINY), "last.pt")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused(phantom, pretrained, tmp_path, capsys):
+    """torch.load does not check the zip's CRCs: one flipped byte in a weight would load silently."""
+    raw = bytearray((pretrained / "encoder.pt").read_bytes())
+    with zipfile.ZipFile(pretrained / "encoder.pt") as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 64)
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)     # the local header's own
+    raw[info.header_offset + 30 + name_len + extra_len + 10] ^= 0x01
+    (tmp_path / "encoder.pt").write_bytes(bytes(raw))
+    assert_one_error_line(run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained",
+                                   tmp_path / "encoder.pt", *TINY), "encoder.pt", "damaged", "CRC")
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_segments_a_symlink_and_its_target_and_follows_symlinked_folders(tuned, tmp_path):
+    (tmp_path / "real").mkdir()
+    nii(tmp_path / "real" / "a.nii.gz", noise((40, 40, 3)))
+    (tmp_path / "in").mkdir()
+    nii(tmp_path / "in" / "b.nii.gz", noise((40, 40, 3), 1))
+    (tmp_path / "in" / "b_link.nii.gz").symlink_to(tmp_path / "in" / "b.nii.gz")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real" / "loop").symlink_to(tmp_path / "in", target_is_directory=True)     # a cycle
+    rc, _, err = run_cli("ideal.py", "predict", "--run", tuned, "--input", tmp_path / "in", "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz", "b_link.nii.gz"]
+
+
+def test_sync_bn_without_cuda_is_one_line_before_anything_is_written(phantom, tmp_path, capsys):
+    assert_one_error_line(run_cli("ideal.py", "pretrain", "--data", phantom, "--out", tmp_path / "run", "--device",
+                                  "cpu", "--sync-bn", *TINY), "--sync-bn", "CUDA")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_keeps_the_exact_best_validation_dice(phantom, pretrained, tmp_path, monkeypatch):
+    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
+            "--epochs", "2", "--steps-per-epoch", "2", *TINY]
+    assert ideal.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    killed_run(monkeypatch, args, tmp_path / "killed", 3)          # epoch 1 wrote best.pt and last.pt
+    assert ideal.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    whole, killed = (json.loads((tmp_path / r / "done.json").read_text()) for r in ("whole", "killed"))
+    assert whole["best_val_dice"] == killed["best_val_dice"]
+    assert torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["best_val_dice"] == whole["best_val_dice"]
+
+
+def test_an_evaluation_folder_never_mixes_two_evaluations(tuned, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tuned, run, ignore=shutil.ignore_patterns("eval-*"))
+    for name in ("a", "b"):                                          # two datasets whose folders share a name
+        root = tmp_path / name / "data"
+        for pid in ("patient201", "patient202"):
+            for number in (1, 2):
+                nii(root / pid / f"{pid}_frame{number:02d}.nii.gz", noise((40, 40, 3), number))
+                nii(root / pid / f"{pid}_frame{number:02d}_gt.nii.gz", heart((40, 40, 3), 5, 3, 2))
+            (root / pid / "Info.cfg").write_text("ED: 1\nES: 2\n")
+    a, b = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    assert run_main(capsys, "eval", "--run", run, "--data", a, "--split", "all", "--frames", "both", "--save-pred",
+                    "--quiet")[0] == 0
+    assert run_main(capsys, "eval", "--run", run, "--data", a, "--split", "all", "--quiet")[0] == 0
+    assert (run / "eval-data-all-both" / "clinical.csv").exists() and not (run / "eval-data-all" / "pred").exists()
+    before = {p.name: p.read_bytes() for p in (run / "eval-data-all").iterdir()}
+    for extra in (["--data", b], ["--data", a, "--label-map", "1:1"]):
+        assert_one_error_line(run_main(capsys, "eval", "--run", run, "--split", "all", "--quiet", *extra),
+                              "eval-data-all", "another evaluation", "--out")
+    assert {p.name: p.read_bytes() for p in (run / "eval-data-all").iterdir()} == before
+    assert run_main(capsys, "eval", "--run", run, "--data", b, "--split", "all", "--out", tmp_path / "b-eval",
+                    "--quiet")[0] == 0
+
+
+@pytest.mark.parametrize("damage", [dict(std="x"), dict(std=None), dict(mean="0.5")])
+def test_report_on_a_summary_with_a_bad_number_is_one_line(tmp_path, capsys, damage):
+    ev = tmp_path / "runs" / "ideal" / "L10" / "seed0" / "eval-test"
+    ev.mkdir(parents=True)
+    stats = {k: v for k, v in dict(dict(mean=0.5, std=0.1), **damage).items() if v is not None}
+    (ev / "summary.json").write_text(json.dumps({"mean": {m: stats for m in metrics.METRICS}}))
+    assert_one_error_line(run_main(capsys, "report", "--runs", tmp_path / "runs", "--out", tmp_path / "t"),
+                          "summary.json", "not an eval summary")
+
+
+def test_temporary_files_of_killed_writes_are_removed(pretrained, tuned, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    dead = 4_000_000                                                # beyond pid_max: no such process
+    (run / f".tmp{dead}-last.pt").write_bytes(b"half")
+    (run / f".tmp{os.getpid()}-x.json").write_bytes(b"mine")      # a live process's: kept
+    assert ideal.main(["pretrain", "--out", str(run), "--resume", "--epochs", "3", *TINY]) == 0
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".tmp")) == [f".tmp{os.getpid()}-x.json"]
+    out = tmp_path / "seg"
+    out.mkdir()
+    (out / f".tmp{dead}-a.nii.gz").write_bytes(b"half")
+    nii(tmp_path / "a.nii.gz", noise((40, 40, 3)))
+    assert ideal.main(["predict", "--run", str(tuned), "--input", str(tmp_path / "a.nii.gz"), "--out", str(out),
+                       "--quiet"]) == 0
+    assert not list(out.glob(".tmp*"))
+
+
+def test_an_error_is_one_line_without_quiet_and_a_refused_command_leaves_no_lock(phantom, pretrained, tmp_path):
+    loud = [f for f in TINY if f != "--quiet"]
+    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained",
+                         tmp_path / "missing.pt", *loud)
+    assert_one_error_line((rc, "", err), "missing.pt")
+    run = tmp_path / "copy"
+    shutil.copytree(pretrained, run)
+    before = sorted(p.name for p in run.iterdir())
+    assert_one_error_line(run_cli("ideal.py", "pretrain", "--data", phantom, "--out", run, *loud), "already holds")
+    assert sorted(p.name for p in run.iterdir()) == before and ".lock" not in before
+
+
+@pytest.mark.skipif(not shutil.which("torchrun"), reason="torchrun not on PATH")
+def test_under_torchrun_an_error_is_printed_once(phantom, tmp_path):
+    p = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(HERE / "ideal.py"), "finetune",
+                        "--data", str(phantom), "--out", str(tmp_path / "run"), "--pretrained", str(tmp_path / "no.pt"),
+                        "--device", "cpu", *TINY], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0 and (p.stdout + p.stderr).count("ideal.py finetune: error:") == 1, p.stderr
+
+
+def test_the_readme_runs_eval_and_predict_without_torchrun():
+    """torchrun's own parser takes --run for its --run-path, so the README must not offer eval or predict under it."""
+    text = (HERE / "README.md").read_text()
+    assert not re.search(r"torchrun[^\n]*ideal\.py (eval|predict)", text)
+    assert "eval, predict, report and bench run on rank 0" not in text
+
+
+# ==========================================================================================================
+# The method as one copyable block; figures; clinical indices, cines and the clinical table
+# ==========================================================================================================
+def test_the_method_block_runs_pasted_alone():
+    """From the top of ideal.py to its end marker: PyTorch only, and its losses are ideal's."""
+    source = (HERE / "ideal.py").read_text()
+    block = source[:source.index("# END OF THE METHOD")]
+    space = {}
+    exec(compile(block, "method block", "exec"), space)
+    assert not {"data", "metrics", "np", "argparse"} & set(space)
+    torch.manual_seed(0)
+    x, g = torch.rand(4, 1, 64, 64), torch.Generator().manual_seed(0)
+    views, thetas = space["make_view"](torch.cat([x, x]), g)
+    for module in (space, vars(ideal)):
+        torch.manual_seed(1)
+        net = module["PretrainNet"](10, 8, 16)
+        total, parts = module["pretrain_loss"](net, views, thetas, "both", 0.1, 1.0, "same")
+        seg = module["IDEALSegmenter"](4, 10, 8)
+        (l1, l2), (u1, u2) = seg(x, x)
+        y1, y2 = (module["pseudo_label"](z, 0.5) for z in (u1, u2))
+        eq3 = module["cross_consistency_loss"](l1, l2, (x[:, 0] * 4).long().clamp(max=3), u1, u2, y1, y2, 1.0, True)
+        module["result"] = [total.item(), parts["global"].item(), parts["local"].item(), *(t.item() for t in eq3)]
+    assert space["result"] == ideal.result and all(math.isfinite(v) for v in space["result"])
+    del ideal.result
+
+
+def svg_points(path):
+    """{series name: [(data-x, data-y, cx, cy)]} of a metrics.svg_plot file, parsed with xml.etree."""
+    import xml.etree.ElementTree as ET
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    root = ET.parse(path).getroot()
+    return {g.get("data-name"): [(float(c.get("data-x")), float(c.get("data-y")), float(c.get("cx")),
+                                  float(c.get("cy"))) for c in g.findall("s:circle", ns)]
+            for g in root.findall("s:g", ns)}
+
+
+def test_svg_plot_places_each_point_by_its_value(tmp_path):
+    (tmp_path / "f.svg").write_text(metrics.svg_plot(
+        [dict(name="a", x=[1.25, 10, 100], y=[0.7, 0.8, 0.85], err=[0.02, 0.01, 0]),
+         dict(name="b", x=[1.25, 10], y=[0.6, 0.75], line=False)],
+        "L, %", "DSC", "title & <more>", hlines=[(0.5, "floor")], xlog=True))
+    points = svg_points(tmp_path / "f.svg")
+    assert [p[:2] for p in points["a"]] == [(1.25, 0.7), (10, 0.8), (100, 0.85)]
+    everything = sorted(p for s in points.values() for p in s)
+    for (x0, y0, cx0, cy0), (x1, y1, cx1, cy1) in itertools.combinations(everything, 2):
+        assert (cy0 > cy1) == (y0 < y1) or y0 == y1                   # higher values higher up
+        if x0 != x1:
+            assert (cx0 < cx1) == (x0 < x1)
+    text = (tmp_path / "f.svg").read_text()
+    assert "title &amp; &lt;more&gt;" in text and text.count("<polyline") == 1
+
+
+def test_report_draws_the_tables_numbers(tuned, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        run = runs / "ideal" / "L20" / f"seed{seed}"
+        shutil.copytree(tuned, run, ignore=shutil.ignore_patterns("eval-*"))
+        assert run_main(capsys, "eval", "--run", run, "--quiet")[0] == 0
+    assert run_main(capsys, "report", "--runs", runs, "--out", tmp_path / "t")[0] == 0
+    table = json.loads((tmp_path / "t.json").read_text())["results"][0]
+    (point,) = svg_points(tmp_path / "t.svg")["ideal"]
+    assert point[:2] == (20.0, pytest.approx(table["dsc"]["mean"], abs=1e-12))
+    assert "t.svg" in (tmp_path / "t.md").read_text()
+
+
+def test_eval_with_both_frames_scores_ed_and_es_apart_and_draws_bland_altman(tuned, capsys):
+    assert run_main(capsys, "eval", "--run", tuned, "--frames", "both", "--quiet")[0] == 0
+    ev = tuned / "eval-test-both"
+    summary = json.loads((ev / "summary.json").read_text())
+    rows = csv_rows(ev / "metrics.csv")
+    for frame in ("ED", "ES"):
+        dsc = [float(r["dsc"]) for r in rows if r["id"].endswith(frame) and r["label"] == "3"]
+        assert summary["frames"][frame]["3"]["dsc"]["mean"] == pytest.approx(np.mean(dsc))
+    clinical = csv_rows(ev / "clinical.csv")
+    points = svg_points(ev / "bland-altman-lv_ef.svg")
+    (series,) = points.values()
+    want = sorted(((float(r["lv_ef_pred"]) + float(r["lv_ef_gt"])) / 2, float(r["lv_ef_pred"]) - float(r["lv_ef_gt"]))
+                  for r in clinical if not math.isnan(float(r["lv_ef_pred"]) + float(r["lv_ef_gt"])))
+    assert sorted(p[:2] for p in series) == pytest.approx(want)
+    import xml.etree.ElementTree as ET
+    lines = [float(e.get("data-y")) for e in ET.parse(ev / "bland-altman-lv_ef.svg").getroot().iter()
+             if e.get("class") == "hline"]
+    a = summary["clinical"]["lv_ef"]
+    assert lines == pytest.approx([a["bias"], a["loa_low"], a["loa_high"]])
+
+
+def test_cine_indices_pick_ed_and_es_by_the_lv_volume():
+    frames = [{1: 50.0, 2: 40.0, 3: v} for v in (100.0, 140.0, 80.0, 60.0, 90.0)]
+    got = metrics.cine_indices(frames)
+    assert (got["ed"], got["es"], got["lv_edv"], got["lv_esv"], got["lv_sv"]) == (1, 3, 140.0, 60.0, 80.0)
+    assert got["lv_ef"] == pytest.approx(100 * 80 / 140) and got["rv_ef"] == 0.0 and got["myo_mass"] == 42.0
+
+
+def test_predict_on_a_beating_cine_writes_its_volume_curve_ed_es_and_ef(tuned, tmp_path, monkeypatch):
+    """With the segmentation replaced by the phantom's own labels, predict's volumes, ED, ES and EF are the truth."""
+    truth = data.write_cine(tmp_path / "in" / "heart.nii.gz", frames=6, seed=3)
+    (tmp_path / "in" / "heart_gt.nii.gz").rename(tmp_path / "heart_gt.nii.gz")
+    labels = np.asarray(nib.load(tmp_path / "heart_gt.nii.gz").dataobj)
+    monkeypatch.setattr(ideal, "segment", lambda model, vols, *a, **k: (
+        [labels[..., t] for t in range(len(vols))], None))
+    assert ideal.main(["predict", "--run", str(tuned), "--input", str(tmp_path / "in"), "--out",
+                       str(tmp_path / "out"), "--quiet"]) == 0
+    rows = csv_rows(tmp_path / "out" / "heart_volumes.csv")
+    assert [int(r["frame"]) for r in rows] == list(range(1, 7))
+    assert [float(r["LV_ml"]) for r in rows] == pytest.approx(truth["lv_ml"])
+    assert [float(r["RV_ml"]) for r in rows] == pytest.approx(truth["rv_ml"])
+    summary = json.loads((tmp_path / "out" / "heart_summary.json").read_text())
+    lv = truth["lv_ml"]
+    assert (summary["ed"], summary["es"]) == (truth["ed"] + 1, truth["es"] + 1)
+    assert summary["lv_ef"] == pytest.approx(100 * (lv[truth["ed"]] - lv[truth["es"]]) / lv[truth["ed"]])
+    points = svg_points(tmp_path / "out" / "heart_volumes.svg")
+    assert [p[1] for p in points["LV"]] == pytest.approx(lv) and points["ES"][0][:2] == (truth["es"] + 1,
+                                                                                       pytest.approx(min(lv)))
+
+
+def test_clinical_report_tabulates_ed_es_and_the_indices(tuned, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run = runs / "ideal" / "L20" / "seed0"
+    shutil.copytree(tuned, run, ignore=shutil.ignore_patterns("eval-*"))
+    assert run_main(capsys, "eval", "--run", run, "--frames", "both", "--quiet")[0] == 0
+    assert run_main(capsys, "report", "--clinical", "--runs", runs, "--out", tmp_path / "c")[0] == 0
+    summary = json.loads((run / "eval-test-both" / "summary.json").read_text())
+    (row,) = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert row["row"] == "ideal, ED only" and row["ES 3"]["mean"] == summary["frames"]["ES"]["3"]["dsc"]["mean"]
+    assert row["clinical"]["lv_ef"]["r"]["mean"] == pytest.approx(summary["clinical"]["lv_ef"]["r"], nan_ok=True)
+    text = (tmp_path / "c.md").read_text()
+    assert "| ideal, ED only | 20 |" in text and "Bernard" in text
+    assert (tmp_path / "c-bland-altman-lv_ef.svg").exists()
