@@ -58,6 +58,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import glob
 import gzip
 import json
 import logging
@@ -957,6 +958,20 @@ def write_phantom(out, n: int = 100, seed: int = 0) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cached_phantom(folder, say=print):
+    """folder, holding the synthetic phantom (100 patients, seed 0), written there once if missing; say() tells."""
+    if os.path.isdir(folder):
+        say(f"no --data: using the synthetic phantom in {folder} (not real data)")
+        return folder
+    say(f"no --data: writing the synthetic phantom to {folder} (not real data)")
+    try:
+        write_phantom(folder, n=100, seed=0)
+    except (OSError, DataError) as e:           # fine if another process has just written the same phantom
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: cannot write the synthetic phantom ({e})") from None
+    return folder
+
+
 def write_cine(path, frames: int = 12, seed: int = 0, group: str = "NOR") -> dict:
     """Write a beating phantom cine: a 4D short-axis image (X, Y, Z, T) int16 at ``path`` and its ACDC labels
     (1 RV, 2 MYO, 3 LV; uint8, same affine) as ``<name>_gt.nii.gz`` beside it.
@@ -1033,6 +1048,33 @@ def make_folder(path):
         raise DataError(f"{path}: cannot create this folder ({e.strerror or e})") from None
 
 
+@contextlib.contextmanager
+def locked_folder(out):
+    """Hold an exclusive lock (flock on the folder itself, Unix) on folder `out`, made if missing, while the block
+    runs: a second process stops at once. Killed writes' temporary files go; a folder made here and left empty too."""
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the run folder there ({e.strerror or e})") from None
+    try:
+        import fcntl                                 # Unix only, so imported where used
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        os.close(fd)
+        raise DataError(f"{out}: another process is running in this folder") from None
+    try:
+        remove_stale_temporaries(out)
+        yield
+    finally:
+        os.close(fd)
+        if created and not os.listdir(out):
+            os.rmdir(out)
+
+
 def write_text(path, text):
     """text written atomically."""
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
@@ -1060,6 +1102,21 @@ def read_json(path):
             return json.load(f)
     except (OSError, ValueError, RecursionError) as e:
         raise DataError(f"{path}: not readable JSON ({' '.join(str(e).split())[:160]})") from None
+
+
+def claim_results(out, identity):
+    """Make the results folder out for the evaluation `identity` (written to evaluation.json); DataError if it holds
+    files of another evaluation, so that a folder never mixes two."""
+    identity_file = os.path.join(out, "evaluation.json")
+    if os.path.isdir(out) and os.listdir(out):
+        stored = read_json(identity_file) if os.path.exists(identity_file) else {}
+        differ = [k for k in identity if stored.get(k) != identity[k]]
+        if differ:
+            what = ", ".join(f"{k} {stored.get(k)}" for k in differ)[:200]
+            raise DataError(f"{out}: holds another evaluation ({what}); remove it or pass --out")
+    make_folder(out)
+    remove_stale_temporaries(out)
+    write_json(identity, identity_file)
 
 
 COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 60], [60, 120, 240], [240, 200, 40], [200, 80, 220],
@@ -1134,6 +1191,89 @@ def find_inputs(paths, out):
                 raise DataError(f"{file}: input inside --out {out}; choose another --out")
             found.setdefault(os.path.abspath(file), file)
     return [(nifti_name(file), file) for file in found.values()]
+
+
+def plan_outputs(inputs, out, probabilities=False, png=False, overwrite=False):
+    """[(NAME, path, {kind: file})] of the outputs still to write for inputs [(NAME, path)]: "labels" OUT/NAME.nii.gz,
+    "volumes" OUT/NAME_volumes.csv, "prob" OUT/NAME_prob.nii.gz, "png" OUT/NAME.png; existing files only with
+    overwrite, inputs with none left out. DataError naming both inputs when two would write one file."""
+    owner, todo = {}, []
+    for name, path in inputs:
+        files = {"labels": f"{name}.nii.gz", "volumes": f"{name}_volumes.csv",
+                 "prob": f"{name}_prob.nii.gz" if probabilities else None, "png": f"{name}.png" if png else None}
+        files = {k: os.path.join(out, v) for k, v in files.items() if v}
+        for file in files.values():
+            if file in owner:
+                raise DataError(f"{path} and {owner[file]}: both would write {file}; inputs need distinct names")
+            owner[file] = path
+        missing = {k: v for k, v in files.items() if overwrite or not os.path.exists(v)}
+        if missing:
+            todo.append((name, path, missing))
+    return todo
+
+
+# ----------------------------------------------------------------------------------- run folders (ideal.py report)
+def read_summary(path, metric_names):
+    """An eval summary.json holding a number for the mean and std of each of metric_names; DataError else."""
+    record = read_json(path)
+    means = record.get("mean") if isinstance(record, dict) else None
+    if not isinstance(means, dict) or not all(isinstance(means.get(m), dict) and all(
+            isinstance(means[m].get(k), (int, float)) for k in ("mean", "std")) for m in metric_names):
+        raise DataError(f"{path}: not an eval summary (no numeric mean and std of {', '.join(metric_names)})")
+    return record
+
+
+def validation_curve(run):
+    """The validation Dice of a fine-tuning run: best, spread (max - min) and mean over the last 10 epochs."""
+    path = os.path.join(run, "log.jsonl")
+    try:
+        with open(path) as f:
+            dice = [float(json.loads(line)["val_dice"]) for line in f if line.strip()]
+        last = dice[-10:]
+        return {"best": max(dice), "spread": max(last) - min(last), "last10": float(np.mean(last))}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a fine-tuning log ({' '.join(str(e).split())[:160]})") from None
+
+
+def collect_runs(runs, split, metric_names, rows=None, order=()):
+    """{row: {fraction: [record of each seed]}} of RUNS/<row>/L<fraction>/seed<k>/eval-SPLIT/summary.json (with
+    "final_dsc" of eval-SPLIT-final, "validation" and "seed"), for `rows` in their order (default: all, in `order`)."""
+    table = {}
+    for path in sorted(p for r in runs for p in glob.glob(os.path.join(r, "*", "L*", "seed*", f"eval-{split}",
+                                                                          "summary.json"))):
+        row, frac = path.split(os.sep)[-5:-3]
+        if (rows is None or row in rows) and re.fullmatch(r"L\d+(\.\d+)?", frac):
+            run = os.path.dirname(os.path.dirname(path))
+            record = read_summary(path, metric_names)
+            final_path = os.path.join(run, f"eval-{split}-final", "summary.json")
+            final = read_summary(final_path, metric_names) if os.path.exists(final_path) else None
+            record["final_dsc"] = final["mean"]["dsc"]["mean"] if final else None
+            record["validation"] = validation_curve(run)
+            record["seed"] = path.split(os.sep)[-3].removeprefix("seed")
+            table.setdefault(row, {}).setdefault(frac[1:], []).append(record)
+    order = rows or list(order)
+    return {row: dict(sorted(table[row].items(), key=lambda kv: float(kv[0])))
+            for row in sorted(table, key=lambda r: order.index(r) if r in order else len(order))}
+
+
+def collect_clinical(runs, metric_names, rows=None):
+    """{label: {fraction: [summary of each seed]}}: every run's evaluation on both ACDC frames of the test patients,
+    eval-test of a run trained on both frames (labelled ROW), eval-test-both of one trained on ED (ROW, ED only)."""
+    table = {}
+    for path in sorted(p for r in runs for p in glob.glob(os.path.join(r, "*", "L*", "seed*", "config.json"))):
+        run = os.path.dirname(path)
+        row, frac = run.split(os.sep)[-3:-1]
+        both = read_json(path).get("frames") == "both"
+        summary = os.path.join(run, "eval-test" if both else "eval-test-both", "summary.json")
+        if (rows and row not in rows) or not os.path.exists(summary):
+            continue
+        record = read_summary(summary, metric_names)
+        if "clinical" not in record or "frames" not in record:
+            raise DataError(f"{summary}: not an evaluation of ED and ES frames (eval --frames both)")
+        with open(os.path.join(os.path.dirname(summary), "clinical.csv"), newline="") as f:
+            record["rows"] = list(csv.DictReader(f))
+        table.setdefault(row if both else f"{row}, ED only", {}).setdefault(frac[1:], []).append(record)
+    return {k: dict(sorted(v.items(), key=lambda kv: float(kv[0]))) for k, v in table.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -10,12 +10,8 @@ Reference implementation of Basak et al., ICASSP 2023 (paper Fig. 2):
                      Eq. 3: CE + soft Dice of p1 and p2 against the mask on labeled slices,
                      CE(p1, y2) + CE(p2, y1) on unlabeled ones (pseudo-labels of a weak view, confident pixels)
 
-    python ideal.py pretrain --data DIR --out RUN_P
-    python ideal.py finetune --data DIR --out RUN_F --pretrained RUN_P/encoder.pt --labeled 1.25
-    python ideal.py eval --run RUN_F
-    python ideal.py predict --run RUN_F --input SCANS --out SEG
-
-Without --data the synthetic phantom of data.py is written once to cache/phantom and used.
+Commands (python ideal.py COMMAND --help): pretrain, finetune, eval, predict, report, bench. Without --data the
+synthetic phantom of data.py is written once to cache/phantom and used.
 """
 import math
 
@@ -97,10 +93,7 @@ RESNETS = {10: (BasicBlock, (1, 1, 1, 1)), 18: (BasicBlock, (2, 2, 2, 2)), 34: (
 
 class ResNetEncoder(nn.Module):
     """E: a 1-channel ResNet returning the stride 2, 4, 8, 16 and 32 feature maps (the U-Net skips).
-
-    depth: 10/18/34 (basic blocks) or 50/101 (bottlenecks; the paper uses 50)
-    width: channels of the stem and of the first stage (64 in torchvision's ResNets)
-    """
+    depth: 10/18/34 (basic blocks) or 50/101 (bottlenecks; the paper uses 50); width: stem and first-stage channels."""
 
     def __init__(self, depth, width):
         super().__init__()
@@ -171,11 +164,8 @@ class PretrainNet(nn.Module):
 # Views: with known geometry for pre-training (Eq. 2's correspondence), weak and strong for fine-tuning
 # ----------------------------------------------------------------------------------------------------------
 def random_affine(n, g, device, scale=(0.7, 1.0), rotate=math.pi / 6, shift=None):
-    """Random affines theta (n, 2, 3) in normalised coordinates, view -> image (F.affine_grid's convention).
-
-    A view covers `scale` of the image side, rotated by up to +-`rotate` radians, flipped in x half the time, and
-    shifted by up to +-`shift` (default: as far as an unrotated view stays inside the image, 1 - scale).
-    """
+    """Random affines theta (n, 2, 3), view -> image in F.affine_grid's coordinates: zoom `scale`, rotation up to
+    +-`rotate`, an x flip half the time, shift up to +-`shift` (default 1 - scale: an unrotated view stays inside)."""
     u = torch.rand(n, 4, generator=g, device=device)
     s = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     a = (2 * u[:, 1] - 1) * rotate
@@ -187,12 +177,8 @@ def random_affine(n, g, device, scale=(0.7, 1.0), rotate=math.pi / 6, shift=None
 
 
 def affine_grid(theta, h, w):
-    """F.affine_grid(theta, (B, C, h, w), align_corners=False), separably: theta (B, 2, 3) -> grid (B, h, w, 2).
-
-    grid[b, i, j] = theta[b] @ (x_j, y_i, 1) at the pixel centres x_j = (2 j + 1) / w - 1 (torch's linspace form),
-    each output coordinate made as a plane (x_j theta[:, r, 0] + theta[:, r, 2]) + y_i theta[:, r, 1]: without the
-    (h w, 3) @ (3, 2) product per image, a third of the time, equal to F.affine_grid to float rounding (tested).
-    """
+    """F.affine_grid(theta, (B, C, h, w), align_corners=False) built from planes: theta (B, 2, 3) -> grid (B, h, w, 2),
+    equal to it to float rounding (tested) in a third of its time."""
     x, y = (torch.linspace(-1, 1, n, dtype=theta.dtype, device=theta.device) * (n - 1) / n for n in (w, h))
     planes = [(x * t[:, 0, None] + t[:, 2, None])[:, None] + y[:, None] * t[:, 1, None, None]   # (B, h, w)
               for t in theta.unbind(1)]
@@ -220,22 +206,16 @@ def make_view(x, g):
 
 
 def relative_affine(theta_q, theta_k):
-    """The affine mapping query-view coordinates to key-view coordinates: inv(M_k) @ M_q, (B, 2, 3).
-
-    With M = [A t; 0 1], inv(M_k) M_q = [inv(A_k) A_q, inv(A_k) (t_q - t_k)], inv(A_k) by the 2x2 adjugate: no
-    torch.linalg.inv and no host-made constant, each of which would stop a GPU step to synchronise.
-    """
+    """Query-view to key-view coordinates, inv(M_k) @ M_q (B, 2, 3); inv(A_k) by the 2x2 adjugate, so that no
+    torch.linalg.inv or host-made constant makes a GPU step synchronise."""
     a, b, c, d = theta_k[:, 0, 0], theta_k[:, 0, 1], theta_k[:, 1, 0], theta_k[:, 1, 1]
     inv_a = torch.stack([torch.stack([d, -b], 1), torch.stack([-c, a], 1)], 1) / (a * d - b * c)[:, None, None]
     return torch.cat([inv_a @ theta_q[:, :, :2], inv_a @ (theta_q[:, :, 2:] - theta_k[:, :, 2:])], 2)
 
 
 def align(k, theta_q, theta_k):
-    """Resample the key's dense map onto the query's feature grid.
-
-    k: (B, C, h, w) key-view features; theta_q, theta_k: (B, 2, 3) the two views' affines.
-    Returns (k_aligned (B, C, h, w), valid (B, h, w) bool: the query location lies inside the key view).
-    """
+    """Resample the key map k (B, C, h, w) onto the query's grid, given the views' affines (B, 2, 3).
+    Returns (k_aligned (B, C, h, w), valid (B, h, w) bool: the query location lies inside the key view)."""
     rel = relative_affine(theta_q.float(), theta_k.float())
     grid = affine_grid(rel, *k.shape[2:])                                  # (B, h, w, 2) key coords
     valid = (grid.abs() <= 1).all(-1)
@@ -244,11 +224,8 @@ def align(k, theta_q, theta_k):
 
 
 def augment_geometry(x, m, g):
-    """Joint geometric augmentation for fine-tuning: x (B, 1, H, W) bilinear, m (B, H, W) nearest (or None).
-
-    Zoom 0.7-1.3, any rotation, flip, shift up to 1/8 of the side: with one labeled volume this generalises far
-    better than light augmentation (README, "Decisions").
-    """
+    """Joint geometric augmentation for fine-tuning, x (B, 1, H, W) bilinear, m (B, H, W) nearest (or None): zoom
+    0.7-1.3, any rotation, flip, shift up to 1/8 of the side (README, "Decisions")."""
     theta = random_affine(x.shape[0], g, x.device, scale=(0.7, 1.3), rotate=math.pi, shift=0.25)
     return warp(x, theta), None if m is None else warp(m[:, None].float(), theta, mode="nearest")[:, 0].long()
 
@@ -268,13 +245,8 @@ def augment_pair(x, m, g):
 # Losses
 # ----------------------------------------------------------------------------------------------------------
 def global_infonce(q, k, tau):
-    """Eq. 1, symmetric (NT-Xent): global InfoNCE over a batch of view pairs.
-
-    q, k: (B, D) projections of the two views of B images (normalised here).
-    Positive of q_b is k_b; negatives are the 2B - 2 views of the other images, of the whole global batch under
-    torchrun (gathered from every rank: 2 W B - 2).
-    tau: softmax temperature (the runs': DEFAULTS).
-    """
+    """Eq. 1, symmetric (NT-Xent): q, k (B, D) projections of the two views of B images (normalised here).
+    Positive of q_b is k_b; negatives the other images' views in the global batch (2 W B - 2). tau: temperature."""
     b = q.shape[0]
     q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
     keys = torch.cat([gather(q), gather(k)])                                # (2WB, D): every view, every rank
@@ -287,18 +259,9 @@ def global_infonce(q, k, tau):
 
 
 def local_infonce(q, k, valid, tau, negatives):
-    """Eq. 2: dense local InfoNCE over exactly corresponding locations.
-
-    q: (B, C, h, w) L2-normalised query map; k: (B, C, h, w) L2-normalised key map aligned to q's grid;
-    valid: (B, h, w) bool, locations with a counterpart in the key view. Or q, k: (B, V, C, h, w) and valid:
-    (B, V, h, w): V instances of Eq. 2 (the two directions, q -> k and k -> q) in one product, averaged.
-    Positive of q_{b,i} is k_{b,i}, read off the same product as the negatives. negatives: "same" (Eq. 2):
-    k_{b',i} of the other images b' at the same location i; "all": every valid location of the other images' key
-    maps. Other images: of the whole global batch under torchrun (key maps gathered from every rank).
-    Negatives that are not valid are left out; the loss is averaged over valid query locations (under torchrun
-    divided by the global batch's count per rank, so that the mean over ranks is the loss of the global batch).
-    tau: softmax temperature (the runs': DEFAULTS).
-    """
+    """Eq. 2, dense local InfoNCE: q, k (B, C, h, w) L2-normalised maps, k aligned to q's grid; valid (B, h, w) bool
+    (or (B, V, ...): V instances, e.g. both directions, averaged). Positive of q_{b,i}: k_{b,i}; negatives "same"
+    (Eq. 2): k_{b',i} of the global batch's other images b'; "all": all their valid locations. tau: temperature."""
     if q.dim() == 4:
         q, k, valid = q[:, None], k[:, None], valid[:, None]
     b, v, c, h, w = q.shape
@@ -326,12 +289,8 @@ def local_infonce(q, k, valid, tau, negatives):
 
 
 def pretrain_loss(model, views, thetas, loss, tau, lambda_loc, negatives):
-    """L = L_g + lambda_loc * L_loc, with both directions of Eq. 2 (q -> k and k -> q).
-
-    views: (2B, 1, H, W), the query views of B images then their key views, one batch through the model;
-    thetas: (2B, 2, 3) their affines. loss: "global" | "local" | "both".
-    Returns (total loss, {"global": ..., "local": ...} as detached tensors).
-    """
+    """L = L_g + lambda_loc * L_loc, Eq. 2 both ways: views (2B, 1, H, W) query views then key views, thetas
+    (2B, 2, 3); loss "global" | "local" | "both". Returns (total, {"global", "local"} detached)."""
     z_global, z_dense = model(views)                                        # (2B, D), (2B, D, h, w)
     b = len(z_dense) // 2
     parts, total = {}, 0.0
@@ -424,10 +383,8 @@ IGNORE = -1                                          # pseudo-label of a pixel l
 
 @torch.no_grad()
 def pseudo_label(logits, threshold):
-    """y = one-hot argmax of softmax(logits) as class indices (B, H, W), detached: no gradient flows into it.
-
-    threshold: pixels whose top probability is below it get IGNORE (0: every pixel is kept).
-    """
+    """y = one-hot argmax of softmax(logits) as class indices (B, H, W), detached; IGNORE where the top probability
+    is below threshold (0 keeps every pixel)."""
     confidence, y = logits.detach().float().softmax(1).max(1)              # (B, H, W) each
     return y.masked_fill(confidence < threshold, IGNORE)
 
@@ -442,15 +399,8 @@ def soft_dice_loss(logits, mask):
 
 
 def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_unl, y1, y2, weight, dice):
-    """Eq. 3: CE(p1, m) + CE(p2, m) on labeled slices, weight * (CE(p1, y2) + CE(p2, y1)) on unlabeled ones.
-
-    logits*_lab: (B_l, C, H, W) of D(theta1)/D(theta2) on labeled slices; mask: (B_l, H, W) class indices.
-    logits*_unl: (B_u, C, H, W) on unlabeled slices (None: supervised only); y1, y2: (B_u, H, W) the two decoders'
-    pseudo-labels (pseudo_label), IGNORE pixels count as zero in the mean over all B_u H W pixels.
-    weight: unlabeled weight at this step (the ramp-up is applied by the caller).
-    dice: the labeled term is CE + soft_dice_loss for each decoder (--sup-loss dice-ce); the unlabeled one stays CE.
-    Returns (loss, supervised term, unsupervised term).
-    """
+    """Eq. 3: CE(p1, m) + CE(p2, m) on labeled slices (B_l, C, H, W), weight * (CE(p1, y2) + CE(p2, y1)) on unlabeled
+    ones (or None), IGNORE pixels counting 0; dice adds soft Dice to the labeled term. Returns (loss, sup, unsup)."""
     sup = sum(F.cross_entropy(z.float(), mask) + (soft_dice_loss(z, mask) if dice else 0)
               for z in (logits1_lab, logits2_lab))
     if logits1_unl is None:
@@ -461,8 +411,7 @@ def cross_consistency_loss(logits1_lab, logits2_lab, mask, logits1_unl, logits2_
 
 
 def rampup(step, total, fraction):
-    """Sigmoid ramp-up exp(-5 (1 - t)^2) of the unlabeled weight (Laine & Aila 2017), t = step / (fraction total)
-    up to 1; fraction 0 is weight 1 from the first step."""
+    """Sigmoid ramp-up exp(-5 (1 - t)^2), t = step / (fraction total) up to 1 (Laine & Aila 2017); fraction 0: 1."""
     if fraction <= 0:
         return 1.0
     return math.exp(-5.0 * (1.0 - min(step / (fraction * total), 1.0)) ** 2)
@@ -480,30 +429,20 @@ def predict(model, x, mode="mean"):
 # ==========================================================================================================
 import argparse
 import contextlib
-import csv
 import functools
-import glob
 import json
 import os
-import re
-import shutil
-import struct
 import sys
 import time
 import warnings
 import zipfile
-import zlib
-from html import escape
-from pathlib import Path
 
 import numpy as np
 
 import data
 import metrics
 
-# ----------------------------------------------------------------------------------------------------------
-# Defaults, each written once: argparse shows them, run.sh's rows pin only what differs, the README quotes this.
-# ----------------------------------------------------------------------------------------------------------
+# -------------- Defaults, each written once: argparse shows them, run.sh's rows pin only what differs, README quotes it
 PRESETS = {  # model, input and schedule by budget; the flag of the same name overrides any value
     # the paper's ResNet-50 and Adam lr 1e-5; it gives no batch, input size or schedule: these are ours
     "paper": dict(depth=50, width=64, size=192, spacing=1.367, batch_size=32, proj_dim=128, steps_per_epoch=100,
@@ -536,12 +475,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PHANTOM_DIR = os.path.join(HERE, "cache", "phantom")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run folders, checkpoints and processes
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- Run folders, checkpoints and processes
 def init_distributed(device):
-    """Process group from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE): nccl on CUDA (one GPU per rank,
-    cuda:LOCAL_RANK), gloo on the CPU. Without torchrun nothing happens. Returns this process's device."""
+    """Join torchrun's process group (nccl on cuda:LOCAL_RANK, gloo on the CPU), if any; returns the device."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
     if device.type == "cuda":
@@ -552,9 +488,8 @@ def init_distributed(device):
 
 
 def leave_distributed(clean=True):
-    """Tear the torchrun process group down (nothing without one, or once left). After a clean finish every rank
-    first meets at a barrier, so that none tears gloo/nccl down while another still uses it (one such teardown
-    aborted with SIGABRT); after an error no barrier, which a rank that failed differently would never reach."""
+    """Leave torchrun's process group, if any: at a barrier after a clean finish (an early leaver aborts the others),
+    at once after an error (a rank that failed otherwise would never reach it)."""
     if world() > 1:
         if clean:
             dist.barrier()
@@ -572,14 +507,11 @@ def atomic_save(obj, path):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, unloadable, of another command or architecture, or whose stored config
-    the command line would refuse (one line)."""
+    """A checkpoint that is missing, damaged, of another command or architecture, or holds an invalid config."""
 
 
 def load_checkpoint(path, keys, kind=None):
-    """A plain-dict checkpoint, loaded with weights_only=True after checking every entry's CRC (torch.load does not);
-    CheckpointError naming the file if it is damaged or not one, lacks one of `keys` or was written by another command
-    than `kind` (pretrain, finetune)."""
+    """A checkpoint dict holding `keys`, written by `kind`, CRC-checked and loaded with weights_only=True."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
@@ -610,9 +542,9 @@ DERIVED = {"world_size": lambda v, c: type(v) is int and 1 <= v <= 65536,
 
 
 def check_config(cfg, command, path, keys):
-    """CheckpointError naming path and the values unless cfg holds each of keys with a value that the command line
-    of `command` would accept (or, for a derived entry, DERIVED's rule)."""
-    actions = {a.dest: a for a in subparser(command)._actions}
+    """CheckpointError unless cfg holds each of keys with a value that `command`'s command line (or DERIVED) takes."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices[command]._actions}
     bad = [f"{k}={cfg.get(k, 'missing')!r}" for k in keys if k not in cfg or not valid(cfg[k], actions.get(k), k, cfg)]
     if bad:
         raise CheckpointError(f"{path}: holds an invalid config ({', '.join(bad[:5])[:300]})")
@@ -634,20 +566,6 @@ def valid(value, action, key, cfg):
     return type(value) is not bool and parsed == value and size_ok and (not action.choices or value in action.choices)
 
 
-def restore(cfg, ckpt, model, opt):
-    """A resumed run's model and optimizer from its last.pt (CheckpointError if they do not fit)."""
-    last = os.path.join(cfg["out"], "last.pt")
-    load_state(model, ckpt["model"], last)
-    load_state(opt, ckpt["optimizer"], last, "optimizer states")
-
-
-def check_arch(found, wanted, path):
-    """CheckpointError naming every architecture value that differs between a checkpoint and this run."""
-    diff = [f"{k}={found.get(k)} (this run: {wanted[k]})" for k in ARCH_KEYS if found.get(k) != wanted[k]]
-    if diff:
-        raise CheckpointError(f"{path}: made with another architecture: {', '.join(diff)}")
-
-
 def load_state(obj, state, path, what="weights"):
     """obj.load_state_dict(state) (strict for a module), turning a mismatch into one line naming the keys."""
     try:
@@ -657,36 +575,9 @@ def load_state(obj, state, path, what="weights"):
         raise CheckpointError(f"{path}: its {what} do not fit this run: {detail[:300]}") from None
 
 
-@contextlib.contextmanager
 def claimed(out):
-    """Hold an exclusive lock on the run folder `out` (flock on the folder itself, so no lock file; Unix only),
-    created if missing, for the whole command: a second process on the same --out stops at once. A folder created
-    here is removed again if the command fails before writing into it; temporary files of killed writes go. Only
-    rank 0 claims (other ranks never write)."""
-    if rank() != 0:
-        yield
-        return
-    created = not os.path.isdir(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY)
-    except OSError as e:
-        raise data.DataError(f"{out}: cannot create the run folder there ({e.strerror or e})") from None
-    try:
-        import fcntl                                 # Unix only, so imported where used
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except OSError:
-        os.close(fd)
-        raise data.DataError(f"{out}: another process is running in this folder") from None
-    try:
-        data.remove_stale_temporaries(out)
-        yield
-    finally:
-        os.close(fd)
-        if created and not os.listdir(out):
-            os.rmdir(out)
+    """The lock on the run folder `out` for the whole command (data.locked_folder), taken by rank 0, the only writer."""
+    return data.locked_folder(out) if rank() == 0 else contextlib.nullcontext()
 
 
 RESUME_NEW = ("data", "compile")                            # may change on resume, and the new value holds
@@ -695,15 +586,10 @@ OLD_FORMAT = "7f27063"  # the last commit that resumes runs with the options ret
 
 
 def open_run(cfg, command, given):
-    """(cfg, last checkpoint or None) of the run in --out, whose lock the caller holds.
-
-    last.pt present: --resume continues it with its stored options, each checked as the command line checks it (an
-    option in `given`, the options named on the command line, that differs from the stored one is refused; --epochs
-    may extend it, never shorten it; with as many processes as it was trained with). No last.pt: a new run, also in
-    a folder left by a run that died before its first checkpoint (nothing to lose).
-    """
+    """(cfg, last.pt or None) of --out: a new run, or with --resume the stored one, whose checked options the command
+    line (`given`) may not change; --epochs may only extend it."""
     out, last = cfg["out"], os.path.join(cfg["out"], "last.pt")
-    if not os.path.exists(last):
+    if not os.path.exists(last):                              # also a run that died before its first checkpoint
         if cfg["resume"]:
             note(cfg, f"{out}: no checkpoint yet; starting the run")
         epochs = cfg["epochs"] or PRESETS[cfg["preset"]][f"{command}_epochs"]
@@ -714,11 +600,15 @@ def open_run(cfg, command, given):
     stored = ckpt["config"]
     other = sorted((set(stored) ^ set(cfg)) - set(DERIVED))
     if other:
-        raise data.DataError(f"{last}: made by another version of ideal.py (options {', '.join(other)} differ); "
-                             f"resume it with that version (a run made before the retired options: git checkout "
-                             f"{OLD_FORMAT})")
+        raise data.DataError(f"{last}: made by another version of ideal.py (options {', '.join(other)} differ); resume "
+                             f"it with that version (a run made before the retired options: git checkout {OLD_FORMAT})")
     check_config(stored, command, last, [k for k in stored if k not in RESUME_FREE or k == "epochs"])
-    check_progress(ckpt, stored, last)
+    log, epoch = ckpt["log"], ckpt["epoch"]
+    fine = ckpt.get("kind") != "finetune" or type(ckpt.get("best_val_dice")) is float
+    if not (isinstance(log, list) and all(isinstance(r, dict) for r in log) and type(epoch) is int
+            and 1 <= epoch == len(log) <= stored["epochs"] and fine):
+        raise CheckpointError(f"{last}: holds an invalid training state (epoch {epoch!r} of {stored['epochs']!r}, "
+                              f"a log of {type(log).__name__})")
     changed = [f"--{k.replace('_', '-')} {cfg[k]} (the run's: {stored.get(k)})" for k in sorted(given)
                if k not in RESUME_FREE and k in cfg and cfg[k] != stored.get(k)]
     if changed:
@@ -737,21 +627,8 @@ def open_run(cfg, command, given):
     return dict(stored, **new, out=out, quiet=cfg["quiet"], device=cfg["device"], resume=True, epochs=epochs), ckpt
 
 
-def check_progress(ckpt, cfg, path):
-    """CheckpointError unless last.pt's epoch counts its log's records (dicts) and lies within the run's epochs, and a
-    fine-tuning's best validation Dice is a number."""
-    log, epoch = ckpt["log"], ckpt["epoch"]
-    fine = ckpt.get("kind") != "finetune" or type(ckpt.get("best_val_dice")) is float
-    if not (isinstance(log, list) and all(isinstance(r, dict) for r in log) and type(epoch) is int
-            and 1 <= epoch == len(log) <= cfg["epochs"] and fine):
-        raise CheckpointError(f"{path}: holds an invalid training state (epoch {epoch!r} of {cfg['epochs']!r}, "
-                              f"a log of {type(log).__name__})")
-
-
 def start_run(cfg, split, ckpt):
-    """New run: config.json (every resolved option), split.json and an empty log.jsonl. Resumed run: log.jsonl
-    rewritten from the checkpoint, one line per epoch it holds, and no done.json while epochs are left (an extended
-    run). Returns the log (a list of epoch records)."""
+    """Write config.json, split.json and log.jsonl (a resumed run's from last.pt); returns the log (epoch records)."""
     log = ckpt["log"] if ckpt else []
     if rank() == 0:
         if ckpt and ckpt["epoch"] < cfg["epochs"]:                   # extended: no longer done, final.pt stale
@@ -761,14 +638,12 @@ def start_run(cfg, split, ckpt):
         if not ckpt:
             data.write_json(cfg, os.path.join(cfg["out"], "config.json"))
             data.write_atomic(os.path.join(cfg["out"], "split.json"), lambda tmp: data.save_split(split, tmp))
-        data.write_atomic(os.path.join(cfg["out"], "log.jsonl"),
-                     lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+        data.write_text(os.path.join(cfg["out"], "log.jsonl"), "".join(json.dumps(r) + "\n" for r in log))
     return log
 
 
 def end_epoch(cfg, model, record, log, files):
-    """The epoch bookkeeping of both training loops: refuse to keep non-finite weights, write `files` ({name:
-    checkpoint dict}, in order, last.pt last and holding the log), append `record` to log.jsonl. Returns the log."""
+    """Refuse non-finite weights, save `files` ({name: checkpoint}; last.pt gets the log), log `record`; the log."""
     if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
         raise FloatingPointError(f"non-finite weights after epoch {record['epoch']}; nothing of it was saved, "
                                  f"{last_good(cfg)}")
@@ -799,26 +674,38 @@ def note(cfg, text):
 
 
 class Meter:
-    """Sums of a training epoch's detached values, kept on the device: one synchronisation every `every` steps
-    checks them for NaN/Inf (DINO's stop on a non-finite loss) instead of one per step."""
+    """A run's training steps: each epoch's detached values summed on the device and checked for NaN/Inf every `every`
+    steps (as DINO stops), the images counted, and a progress line on stderr every 10 s unless quiet."""
 
-    def __init__(self, cfg, epoch, every=20):
-        self.cfg, self.epoch, self.every, self.steps, self.sums, self.keys = cfg, epoch, every, 0, None, []
+    def __init__(self, cfg, total_steps, quiet, every=20):
+        self.cfg, self.total, self.quiet, self.every = cfg, total_steps, quiet or rank() != 0, every
+        self.t0 = self.shown = time.time()
+        self.images = self.done = 0
+        self.start(1)
 
-    def add(self, values):
+    def start(self, epoch):
+        self.epoch, self.steps, self.sums, self.keys = epoch, 0, None, []
+
+    def add(self, values, images):                    # one step's {name: tensor} and images on this rank
         stacked = torch.stack([v.double() for v in values.values()])
         self.keys, self.steps = list(values), self.steps + 1
         self.sums = stacked if self.sums is None else self.sums + stacked
         if self.steps % self.every == 0:
             self.check()
+        self.images, self.done = self.images + images * world(), self.done + 1
+        now = time.time()
+        if not self.quiet and now - self.shown >= 10.0:
+            self.shown = now
+            loss = self.sums[self.keys.index("loss")].item() / self.steps
+            rate = self.images / max(now - self.t0, 1e-9)
+            eta = (now - self.t0) / self.done * (self.total - self.done)
+            print(f"epoch {self.epoch} step {self.steps} loss {loss:.4f} {rate:.1f} img/s ETA {eta / 60:.1f} min",
+                  file=sys.stderr, flush=True)
 
     def check(self):
         if not bool(torch.isfinite(self.sums).all()):
             raise FloatingPointError(f"non-finite loss in epoch {self.epoch} by step {self.steps}; "
                                      f"{last_good(self.cfg)}")
-
-    def loss(self):
-        return self.sums[self.keys.index("loss")].item() / self.steps
 
     def means(self):
         """{name: epoch mean}, averaged over the ranks too."""
@@ -830,33 +717,8 @@ class Meter:
         return {k: round(v / self.steps, 5) for k, v in zip(self.keys, sums.tolist())}
 
 
-class Progress:
-    """One progress line on stderr per `every` seconds (epoch, step, loss, images/s, ETA); quiet silences it."""
-
-    def __init__(self, total_steps, quiet=False, every=10.0):
-        self.total, self.quiet, self.every = total_steps, quiet or rank() != 0, every
-        self.t0 = self.last = time.time()
-        self.images = self.steps = 0
-
-    def update(self, meter, images):
-        self.images, self.steps = self.images + images * world(), self.steps + 1
-        now = time.time()
-        if self.quiet or now - self.last < self.every:
-            return
-        self.last = now
-        eta = (now - self.t0) / self.steps * (self.total - self.steps)
-        print(f"epoch {meter.epoch} step {meter.steps} loss {meter.loss():.4f} {self.rate():.1f} img/s "
-              f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
-
-    def rate(self):
-        return self.images / max(time.time() - self.t0, 1e-9)
-
-
 def generators(seed, epoch, device, stream=0):
-    """Per-epoch RNGs derived from (seed, epoch, stream): CPU for the sample order (the same on every rank),
-    device for augmentation (one per rank), so a resumed run draws exactly what an uninterrupted one would.
-    Fine-tuning draws labeled batches from stream 0 and unlabeled ones from stream 1: the labeled sequence is the
-    same with or without them."""
+    """(CPU, device) RNGs of (seed, epoch, stream, the device's also of rank): a resumed run draws as a whole one."""
     base = seed * 100003 + epoch + 1000003 * stream
     g_dev = torch.Generator(device=device).manual_seed(base + 7919 + 104729 * rank())
     return torch.Generator().manual_seed(base), g_dev
@@ -880,9 +742,19 @@ def to_device(x, device):
     return x
 
 
+def model_and_optimizer(cfg, ckpt, model, device):
+    """The model on the device and its Adam optimizer, both restored from last.pt when resuming (ckpt)."""
+    model = to_device(model, device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    if ckpt:
+        last = os.path.join(cfg["out"], "last.pt")
+        load_state(model, ckpt["model"], last)
+        load_state(opt, ckpt["optimizer"], last, "optimizer states")
+    return model, opt
+
+
 def parallel(model, cfg, device, find_unused=False):
-    """The model a training step calls: SyncBatchNorm with --sync-bn, DistributedDataParallel under torchrun,
-    torch.compile with --compile; the plain model otherwise."""
+    """The model a training step calls: with SyncBatchNorm, DistributedDataParallel and torch.compile as asked."""
     if world() > 1:
         if cfg["sync_bn"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -891,28 +763,14 @@ def parallel(model, cfg, device, find_unused=False):
     return torch.compile(model) if cfg["compile"] else model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data for training
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------- Data for training
 def resolve_data(cfg):
-    """The data folder: --data, or the synthetic phantom written once to cache/phantom (atomically, so a killed run
-    never leaves half a phantom)."""
-    if cfg["data"]:
-        return cfg["data"]
-    if os.path.isdir(PHANTOM_DIR):
-        note(cfg, f"no --data: using the synthetic phantom in {PHANTOM_DIR} (not real data)")
-        return PHANTOM_DIR
-    note(cfg, f"no --data: writing the synthetic phantom to {PHANTOM_DIR} (not real data)")
-    try:
-        data.write_phantom(PHANTOM_DIR, n=100, seed=0)
-    except (OSError, data.DataError) as e:           # fine if another process has just written the same phantom
-        if not os.path.isdir(PHANTOM_DIR):
-            raise data.DataError(f"{PHANTOM_DIR}: cannot write the synthetic phantom ({e})") from None
-    return PHANTOM_DIR
+    """--data, or the synthetic phantom, written once to cache/phantom."""
+    return cfg["data"] or data.cached_phantom(PHANTOM_DIR, lambda text: note(cfg, text))
 
 
 def load_split_volumes(cfg):
-    """Read the volumes and the split: the run's own split.json when resuming, --split FILE, or a new one."""
+    """Read the volumes and the split: the run's own split.json when resuming, --split-file, or a new one."""
     layout, volumes = data.load_volumes(resolve_data(cfg), cfg["layout"], cfg["frames"], cfg["label_map"])
     split_file = os.path.join(cfg["out"], "split.json") if cfg["resume"] else cfg.get("split_file")
     if split_file:
@@ -923,15 +781,12 @@ def load_split_volumes(cfg):
 def slices_of(volumes, ids, cfg, labels=True):
     """Preprocessed slices of the volumes named in ids: images (N, 1, H, W) float32, labels (N, H, W) long."""
     wanted = set(ids)
-    chosen = [v for v in volumes if v.id in wanted]
-    images, masks, _ = data.stack_slices(chosen, cfg["spacing"], cfg["size"])
+    images, masks, _ = data.stack_slices([v for v in volumes if v.id in wanted], cfg["spacing"], cfg["size"])
     x = torch.from_numpy(images)[:, None]
     return (x, torch.from_numpy(masks).long()) if labels else x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# pretrain
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------- pretrain
 LOSS_KEYS = ("loss", "tau", "lambda_loc", "negatives")
 
 
@@ -946,23 +801,20 @@ def pretrain(cfg, given=()):
     if steps == 0:
         raise data.DataError(f"--batch-size {b} x {world()} processes is larger than the {n} pre-training slices")
     torch.manual_seed(cfg["seed"])
-    model = to_device(PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    if ckpt:
-        restore(cfg, ckpt, model, opt)
+    model, opt = model_and_optimizer(cfg, ckpt, PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     step_fn = parallel(model, cfg, device, find_unused=cfg["loss"] != "both")
-    note(cfg, f"pretrain: {hardware(cfg)}; {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, {steps} steps "
-              f"of {b} x {world()} slices per epoch, epochs {start}->{cfg['epochs']}")
-    progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
+    note(cfg, f"pretrain: {hardware(cfg)}; {n} slices of {len(split['train']) + len(split['val'])} train+val volumes, "
+              f"{steps} steps of {b} x {world()} slices per epoch, epochs {start}->{cfg['epochs']}")
+    meter = Meter(cfg, (cfg["epochs"] - start) * steps, cfg["quiet"])
     for epoch in range(start, cfg["epochs"]):
         g_cpu, g_dev = generators(cfg["seed"], epoch, device)
         order = torch.randperm(n, generator=g_cpu).to(device)
-        meter, t0 = Meter(cfg, epoch + 1), time.time()
+        meter.start(epoch + 1)
+        t0 = time.time()
         for step in range(steps):
             batch = images[share(order[step * b * world():(step + 1) * b * world()])]
-            meter.add(pretrain_step(step_fn, opt, batch, g_dev, **{k: cfg[k] for k in LOSS_KEYS}))
-            progress.update(meter, b)
+            meter.add(pretrain_step(step_fn, opt, batch, g_dev, **{k: cfg[k] for k in LOSS_KEYS}), b)
         record = dict(meter.means(), epoch=epoch + 1, images_per_s=round(steps * b * world() / (time.time() - t0), 1),
                       lr=cfg["lr"])
         log = end_epoch(cfg, model, record, log, {
@@ -975,10 +827,7 @@ def pretrain(cfg, given=()):
 
 
 def pretrain_step(model, opt, x, g, loss, tau, lambda_loc, negatives):
-    """One step: two views -> forward -> L_g + lambda_loc * L_loc -> backward -> Adam.
-
-    x: (B, 1, H, W) slices; g: the device generator of the views; the rest as pretrain_loss.
-    Returns the detached losses {"global", "local", "loss"} (tensors on the device)."""
+    """x (B, 1, H, W) -> two views -> L_g + lambda_loc * L_loc -> backward -> Adam; the detached losses."""
     views, thetas = make_view(torch.cat([x, x]), g)                         # both views in one batch
     with autocast(x.device):
         total, parts = pretrain_loss(model, views, thetas, loss, tau, lambda_loc, negatives)
@@ -988,16 +837,17 @@ def pretrain_step(model, opt, x, g, loss, tau, lambda_loc, negatives):
     return dict(parts, loss=total.detach())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# finetune
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------- finetune
 def read_pretrained(cfg):
     """The state of E in a pre-training run's encoder.pt, after checking that its architecture is this run's."""
-    ckpt = load_checkpoint(cfg["pretrained"], ("encoder", "config"))
-    check_config(ckpt["config"], "pretrain", cfg["pretrained"], ARCH_KEYS)
+    path = cfg["pretrained"]
+    ckpt = load_checkpoint(path, ("encoder", "config"))
+    check_config(ckpt["config"], "pretrain", path, ARCH_KEYS)
     if not isinstance(ckpt["encoder"], dict):
-        raise CheckpointError(f"{cfg['pretrained']}: not an IDEAL checkpoint (its encoder is not a state dict)")
-    check_arch(ckpt["config"], cfg, cfg["pretrained"])
+        raise CheckpointError(f"{path}: not an IDEAL checkpoint (its encoder is not a state dict)")
+    diff = [f"{k}={ckpt['config'].get(k)} (this run: {cfg[k]})" for k in ARCH_KEYS if ckpt["config"].get(k) != cfg[k]]
+    if diff:
+        raise CheckpointError(f"{path}: made with another architecture: {', '.join(diff)}")
     return ckpt["encoder"]
 
 
@@ -1011,16 +861,9 @@ def load_encoder(encoder, state, path):
 
 
 def finetune_step(model, opt, xl, ml, xu, xw, weight, forward, threshold, dice):
-    """One step of Eq. 3 on a labeled batch (xl, ml) and an unlabeled batch xu (None: supervised only).
-
-    forward: "joint", one pass over cat(xl, xu), so BatchNorm normalises both with the statistics of the mix;
-    "separate", one pass each, so the labeled loss sees labeled statistics only.
-    xw: a weak view of xu with the same geometry that makes the pseudo-labels (None: xu's own predictions).
-    threshold: confidence below which a pseudo-labelled pixel is ignored.
-    dice: CE + soft Dice for the labeled term (cross_consistency_loss).
-    Returns the detached {"loss", "sup", "unsup", "fg": fraction of unlabeled pixels pseudo-labelled foreground,
-    "kept": fraction of them that the threshold keeps}.
-    """
+    """One step of Eq. 3 on labeled (xl, ml) and unlabeled xu slices (None: supervised only), in one pass (forward
+    "joint") or one each; pseudo-labels of the weak view xw (None: of xu). Returns the detached {"loss", "sup",
+    "unsup", "fg", "kept"} (fg, kept: the pseudo-labels' foreground share and the share the threshold keeps)."""
     b = xl.shape[0]
     with autocast(xl.device):
         if xu is None:
@@ -1031,8 +874,10 @@ def finetune_step(model, opt, xl, ml, xu, xw, weight, forward, threshold, dice):
         else:
             (lab1, lab2), (unl1, unl2) = model(xl, xu)
         y1 = y2 = None
-        if xu is not None:                                                  # from the weak view, or xu's own
-            y1, y2 = (pseudo_label(z, threshold) for z in (weak_logits(model, xw) if xw is not None else (unl1, unl2)))
+        if xu is not None:
+            with torch.no_grad():                                           # targets: no gradient flows into them
+                z1, z2 = model(xw) if xw is not None else (unl1, unl2)
+            y1, y2 = pseudo_label(z1, threshold), pseudo_label(z2, threshold)
         loss, sup, unsup = cross_consistency_loss(lab1, lab2, ml, unl1, unl2, y1, y2, weight, dice)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -1044,12 +889,6 @@ def finetune_step(model, opt, xl, ml, xu, xw, weight, forward, threshold, dice):
     return {"loss": loss.detach(), "sup": sup.detach(), "unsup": unsup.detach(), "fg": fg, "kept": kept}
 
 
-@torch.no_grad()
-def weak_logits(model, xw):
-    """Both decoders' logits on the weak views xw (B_u, 1, H, W), made without gradient (they make pseudo-labels)."""
-    return model(xw)
-
-
 def labeled_views(x_l, m_l, n, g_cpu, g_dev):
     """This rank's n random labeled slices and masks, jointly augmented: (x (n, 1, H, W), m (n, H, W))."""
     i = share(torch.randint(len(x_l), (n * world(),), generator=g_cpu)).to(x_l.device)
@@ -1057,11 +896,7 @@ def labeled_views(x_l, m_l, n, g_cpu, g_dev):
 
 
 def unlabeled_views(x_u, n, g_cpu, g_dev, pseudo):
-    """This rank's n random unlabeled slices augmented for Eq. 3: (strong view, weak view or None).
-
-    pseudo: "same", the pseudo-labels come from the strong view itself (weak view None); "weak", from the
-    weak view, the same geometry without the intensity changes.
-    """
+    """This rank's n random unlabeled slices: (strong view, weak view (geometry only) for pseudo "weak", else None)."""
     x = x_u[share(torch.randint(len(x_u), (n * world(),), generator=g_cpu)).to(x_u.device)]
     xw, _ = augment_geometry(x, None, g_dev)
     return augment_intensity(xw, g_dev), xw if pseudo == "weak" else None
@@ -1072,10 +907,8 @@ def predict_slices(model, x, mode, batch_size):
     """Probabilities (N, C, H, W) float32 on the CPU for preprocessed slices x (N, 1, H, W), in batches."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for chunk in x.split(batch_size):
-        with autocast(device):
-            out.append(predict(model, to_device(chunk, device), mode).float().cpu())
+    with autocast(device):
+        out = [predict(model, to_device(chunk, device), mode).float().cpu() for chunk in x.split(batch_size)]
     model.train()
     return torch.cat(out)
 
@@ -1089,8 +922,7 @@ def validate(model, x_val, m_val, cfg):
 
 @contextlib.contextmanager
 def batchnorm_restored(model):
-    """Yields model's BatchNorm layers; when the block ends, each gets its running statistics and momentum back, so
-    that training goes on as if the block had never run."""
+    """Yields model's BatchNorm layers, whose running statistics and momentum are put back when the block ends."""
     layers = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm))]
     saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers()}) for m in layers]
     try:
@@ -1104,10 +936,8 @@ def batchnorm_restored(model):
 
 @contextlib.contextmanager
 def recomputed_bn(model, x, batch_size, seed, limit):
-    """Inside the block, every BatchNorm of model holds the mean over batches of x (N, 1, H, W) of each batch's
-    statistics (precise BatchNorm, Wu & Johnson 2021), the weights as they are; on exit its running statistics
-    are put back, so training goes on as if nothing happened. The batches are a shuffle of at most `limit` slices
-    drawn by seed; every process draws the same ones, so synchronised BatchNorm agrees."""
+    """Inside the block BatchNorm holds the statistics of at most `limit` slices of x (N, 1, H, W) (precise BatchNorm,
+    Wu & Johnson 2021), the same on every process; on exit the running ones come back."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit].to(x.device)
     was_training = model.training
     with batchnorm_restored(model) as layers:
@@ -1124,12 +954,8 @@ def recomputed_bn(model, x, batch_size, seed, limit):
 
 @torch.no_grad()
 def pseudo_label_quality(model, x_v, m_v, cfg, g):
-    """Eq. 3's pseudo-labels made on the labeled validation slices as on unlabeled ones (a weak view by generator g,
-    BatchNorm with batch statistics, the confidence threshold) and scored against their masks, for the log. Means
-    over both decoders of: pl_dice, the foreground Dice of the argmax (pooled over the slices); pl_dice_kept, the
-    same over the pixels the threshold keeps; pl_kept, the fraction it keeps; pl_fg_ratio, kept pseudo-labelled
-    foreground over true foreground (below 1: the pseudo-labels shrink the heart); and pl_disagree, the fraction of
-    pixels where the two decoders' argmax differ. BatchNorm's running statistics are put back afterwards."""
+    """Eq. 3's pseudo-labels made on the validation slices as on unlabeled ones, scored against the masks (mean of both
+    decoders): pl_dice, pl_dice_kept (kept pixels), pl_kept, pl_fg_ratio (kept/true foreground), pl_disagree."""
     device = next(model.parameters()).device
     xw, mw = augment_geometry(to_device(x_v, device), m_v.to(device), g)
     with batchnorm_restored(model), autocast(device):
@@ -1149,8 +975,7 @@ def pseudo_label_quality(model, x_v, m_v, cfg, g):
 
 
 def foreground_dice(y, m, num_classes, where=None):
-    """Mean over the foreground classes of the Dice of label maps y and m (any shape), pooled over their pixels or
-    those where `where` is True; a class absent from both counts 1 (metrics.dice's convention)."""
+    """Mean foreground Dice of label maps y and m, pooled over the pixels `where` is True (absent from both: 1)."""
     where = torch.ones_like(y, dtype=torch.bool) if where is None else where
     dice = []
     for c in range(1, num_classes):
@@ -1161,9 +986,7 @@ def foreground_dice(y, m, num_classes, where=None):
 
 
 def judge(model, x_v, m_v, x_train, cfg):
-    """(validation Dice, state_dict for best.pt, log fields) of model under BatchNorm statistics recomputed on the
-    un-augmented training slices x_train (the Dice with the running ones is logged as val_dice_running), from at
-    most as many slices as an epoch's labeled batches hold, so that recomputing costs a fraction of the epoch."""
+    """(validation Dice, state_dict, log fields) under BatchNorm statistics recomputed on slices of x_train."""
     running = validate(model, x_v, m_v, cfg)
     b = cfg["batch_size"]
     with recomputed_bn(model, x_train, b, cfg["seed"], limit=cfg["steps_per_epoch"] * b):
@@ -1173,18 +996,8 @@ def judge(model, x_v, m_v, x_train, cfg):
     return val_dice, state, {"val_dice_running": round(running, 4)}
 
 
-def bn_slices(cfg, split, x_l, x_u):
-    """The un-augmented training slices that the judged network's BatchNorm statistics are recomputed on: the
-    labeled ones and, when the run uses them, the unlabeled ones."""
-    if not cfg["unlabeled_weight"]:
-        return x_l
-    return torch.cat([x_l, x_u]) if split["unlabeled"] else x_u      # at L = 100 % x_u holds every training slice
-
-
 def finetune_data(cfg, device):
-    """(split, classes {num_classes, class_names}, slices): labeled, unlabeled (training volumes outside the
-    labeled subset; at L = 100 % all training volumes, labels unused) and validation slices. DataError without a
-    labeled validation volume (model selection)."""
+    """(split, classes, slices: labeled, unlabeled, validation, and those judge recomputes BatchNorm on)."""
     layout, volumes, split = load_split_volumes(cfg)
     n = data.num_classes(layout, volumes)
     classes = {"num_classes": n, "class_names": list(data.CLASS_NAMES.get(layout, [str(c) for c in range(n)]))}
@@ -1197,19 +1010,12 @@ def finetune_data(cfg, device):
     x_v, m_v = slices_of(volumes, split["val"], cfg)
     note(cfg, f"finetune: {hardware(cfg)}; {len(split['labeled'])} labeled volumes ({len(x_l)} slices), "
               f"{len(unlabeled)} unlabeled ({len(x_u)} slices), {len(split['val'])} val")
-    return split, classes, (to_device(x_l, device), m_l.to(device), to_device(x_u, device), x_v, m_v)
-
-
-def finetune_model(cfg, ckpt, encoder_state, device):
-    """The IDEALSegmenter and its Adam optimizer: from last.pt when resuming, else with the pre-trained E."""
-    torch.manual_seed(cfg["seed"])
-    model = to_device(IDEALSegmenter(cfg["num_classes"], cfg["depth"], cfg["width"], cfg["same_decoders"]), device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    if ckpt:
-        restore(cfg, ckpt, model, opt)
-    elif encoder_state is not None:
-        load_encoder(model.encoder, encoder_state, cfg["pretrained"])
-    return model, opt
+    x_l, x_u = to_device(x_l, device), to_device(x_u, device)
+    if not cfg["unlabeled_weight"]:                                          # BatchNorm as the training batches
+        x_train = x_l
+    else:                                                                     # at L = 100 % x_u is every slice
+        x_train = torch.cat([x_l, x_u]) if split["unlabeled"] else x_u
+    return split, classes, (x_l, m_l.to(device), x_u, x_v, m_v, x_train)
 
 
 def finetune(cfg, given=()):
@@ -1217,29 +1023,31 @@ def finetune(cfg, given=()):
     cfg, ckpt = open_run(cfg, "finetune", given)
     device = torch.device(cfg["device"])
     encoder_state = None if ckpt or cfg["pretrained"] == "none" else read_pretrained(cfg)
-    split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
+    split, classes, (x_l, m_l, x_u, x_v, m_v, x_train) = finetune_data(cfg, device)
     cfg.update(classes)
-    model, opt = finetune_model(cfg, ckpt, encoder_state, device)
+    torch.manual_seed(cfg["seed"])
+    net = IDEALSegmenter(cfg["num_classes"], cfg["depth"], cfg["width"], cfg["same_decoders"])
+    model, opt = model_and_optimizer(cfg, ckpt, net, device)
+    if encoder_state is not None:
+        load_encoder(model.encoder, encoder_state, cfg["pretrained"])
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = ckpt["best_val_dice"] if ckpt else -1.0                           # exact, not the log's rounding
-    x_train = bn_slices(cfg, split, x_l, x_u)
     step_fn = parallel(model, cfg, device)
     b, steps = cfg["batch_size"], cfg["steps_per_epoch"]
     bu = b if cfg["unlabeled_weight"] else 0                                 # unlabeled slices per step
-    total = cfg["epochs"] * steps
-    progress = Progress((cfg["epochs"] - start) * steps, cfg["quiet"])
+    meter = Meter(cfg, (cfg["epochs"] - start) * steps, cfg["quiet"])
     for epoch in range(start, cfg["epochs"]):
         g_cpu, g_dev = generators(cfg["seed"], epoch, device)
         gu_cpu, gu_dev = generators(cfg["seed"], epoch, device, stream=1)
-        meter, t0, seen = Meter(cfg, epoch + 1), time.time(), progress.images
+        meter.start(epoch + 1)
+        t0, seen = time.time(), meter.images
         for step in range(steps):
-            weight = cfg["unlabeled_weight"] * rampup(epoch * steps + step, total, cfg["rampup"])
+            weight = cfg["unlabeled_weight"] * rampup(epoch * steps + step, cfg["epochs"] * steps, cfg["rampup"])
             xl, ml = labeled_views(x_l, m_l, b, g_cpu, g_dev)
             xu, xw = unlabeled_views(x_u, bu, gu_cpu, gu_dev, cfg["pseudo"]) if bu else (None, None)
             meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"],
-                                    cfg["sup_loss"] == "dice-ce"))
-            progress.update(meter, b + bu)
-        images_per_s = (progress.images - seen) / (time.time() - t0)          # the training steps alone
+                                    cfg["sup_loss"] == "dice-ce"), b + bu)
+        images_per_s = (meter.images - seen) / (time.time() - t0)             # the training steps alone
         val_dice, state, fields = judge(model, x_v, m_v, x_train, cfg)      # every process: --sync-bn
         fields.update(pseudo_label_quality(model, x_v, m_v, cfg, generators(cfg["seed"], epoch, device, 2)[1]))
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
@@ -1254,38 +1062,24 @@ def finetune(cfg, given=()):
             "config": cfg, "best_val_dice": best}}))
     if rank() == 0:
         data.write_json({"finished": True, "epochs": cfg["epochs"], "best_val_dice": best},
-                   os.path.join(cfg["out"], "done.json"))
+                        os.path.join(cfg["out"], "done.json"))
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# eval
-# ----------------------------------------------------------------------------------------------------------
-class Stopwatch:
-    """Wall time per stage: `with watch("network"): ...` adds the block's seconds to watch.seconds["network"]."""
-
-    def __init__(self):
-        self.seconds, self.stage, self.t0 = {}, None, 0.0
-
-    def __call__(self, stage):
-        self.stage = stage
-        return self
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + time.perf_counter() - self.t0
+# --------------------------------------------------------------------------------------------------------------- eval
+@contextlib.contextmanager
+def stopwatch(seconds, stage):
+    """Adds the block's wall time to seconds[stage]."""
+    t0 = time.perf_counter()
+    yield
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-# What eval and predict read from best.pt's config: a run folder alone is enough to segment.
-RUN_KEYS = ("depth", "width", "size", "spacing", "num_classes", "class_names", "predict", "batch_size",
-            "same_decoders")
+RUN_KEYS = ("depth", "width", "size", "spacing", "num_classes", "class_names", "predict", "batch_size", "same_decoders")
 
 
 def load_run(run, device, checkpoint="best"):
-    """(training config, IDEALSegmenter with the run's best.pt (or final.pt) weights on device), from the run folder
-    alone."""
+    """(config, IDEALSegmenter on device) of the run's best.pt or final.pt: a run folder alone is enough to segment."""
     path = os.path.join(run, f"{checkpoint}.pt")
     ckpt = load_checkpoint(path, ("model", "config"))
     run_cfg = ckpt["config"]
@@ -1295,17 +1089,16 @@ def load_run(run, device, checkpoint="best"):
     return run_cfg, to_device(model, torch.device(device))
 
 
-def segment(model, vols, run_cfg, mode, batch_size, watch, probabilities=False):
-    """Labels (X, Y, Z) uint8 on each volume's native grid and, with `probabilities`, class probabilities
-    (X, Y, Z, C) float32 (else None). The slices of all vols go through the network in shared batches of
-    batch_size (a cine's frames together); watch (Stopwatch) gets the preprocess, network and inverse seconds."""
+def segment(model, vols, run_cfg, mode, batch_size, seconds, probabilities=False):
+    """(per volume uint8 labels (X, Y, Z) on its native grid, float32 probabilities (X, Y, Z, C) or None); all slices
+    in shared batches, each stage's time added to seconds."""
     spacing, size = run_cfg["spacing"], run_cfg["size"]
-    with watch("preprocess"):
+    with stopwatch(seconds, "preprocess"):
         images = [data.preprocess(v, spacing, size)[0] for v in vols]
         x = torch.from_numpy(np.concatenate(images))[:, None]
-    with watch("network"):
+    with stopwatch(seconds, "network"):
         probs = predict_slices(model, x, mode, batch_size).numpy()
-    with watch("inverse"):
+    with stopwatch(seconds, "inverse"):
         parts = np.split(probs, np.cumsum([len(i) for i in images])[:-1])
         labels = [data.to_native(p, v, spacing, size) for p, v in zip(parts, vols)]
         native = [data.native_probabilities(p, v, spacing, size) for p, v in zip(parts, vols)] \
@@ -1314,82 +1107,59 @@ def segment(model, vols, run_cfg, mode, batch_size, watch, probabilities=False):
 
 
 def eval_setup(cfg, run_cfg):
-    """(data folder, layout, volumes to score, results folder, what identifies the evaluation). --split
-    test|val|train: the run's split.json (ACDC by patient, whatever --frames) into RUN/eval-SPLIT; --split all: every
-    labeled volume into RUN/eval-<data folder name>-all; -FRAMES added when --frames is not the run's, -final for
-    final.pt; --out chooses another folder. --layout, --frames and --label-map default to the run's; a ground-truth
-    class the run does not predict is an error."""
+    """(layout, labeled volumes to score, results folder, the evaluation's identity), as --split's help says."""
     check_config(run_cfg, "finetune", os.path.join(cfg["run"], f"{cfg['checkpoint']}.pt"),
                  ("data", "layout", "frames", "label_map"))
     opts = {k: run_cfg[k] if cfg[k] is None else cfg[k] for k in ("layout", "frames", "label_map")}
     root = cfg["data"] or run_cfg["data"] or resolve_data(run_cfg)
     layout, volumes = data.load_volumes(root, **opts)
-    name = cfg["split_name"]
-    if name == "all":
-        chosen = [v for v in volumes if v.label is not None]
-        folder = f"eval-{os.path.basename(os.path.abspath(root))}-all"
-    else:
-        split_file = os.path.join(cfg["run"], "split.json")
-        chosen = [v for v in data.select(volumes, data.load_split(split_file)[name], split_file) if v.label is not None]
-        folder = f"eval-{name}"
+    name, split_file = cfg["split_name"], os.path.join(cfg["run"], "split.json")
+    if name != "all":
+        volumes = data.select(volumes, data.load_split(split_file)[name], split_file)
+    chosen = [v for v in volumes if v.label is not None]
     if not chosen:
         raise data.DataError(f"{root}: no labeled volume in split {name!r} to evaluate")
     for vol in chosen:
         if vol.label.max() >= run_cfg["num_classes"]:
             raise data.DataError(f"{vol.path}: the ground truth of this image holds class {vol.label.max()}, the "
                                  f"run predicts 0-{run_cfg['num_classes'] - 1}; pass --label-map")
+    folder = f"eval-{os.path.basename(os.path.abspath(root))}-all" if name == "all" else f"eval-{name}"
     folder += (f"-{opts['frames']}" if layout == "acdc" and opts["frames"] != run_cfg["frames"] else "") + \
         ("-final" if cfg["checkpoint"] == "final" else "")
+    predict = cfg["predict"] or run_cfg["predict"]
     identity = dict(run=os.path.abspath(cfg["run"]), checkpoint=cfg["checkpoint"], split=name,
-                    data=os.path.abspath(root), predict=cfg["predict"] or run_cfg["predict"], **dict(opts, layout=layout))
-    return root, layout, chosen, cfg["out"] or os.path.join(cfg["run"], folder), identity
-
-
-def claim_results(out, identity):
-    """Make the results folder out for the evaluation `identity` (evaluation.json): DataError if it holds files of
-    another evaluation, so that a folder never mixes two."""
-    if os.path.isdir(out) and os.listdir(out):
-        stored = data.read_json(os.path.join(out, "evaluation.json")) if os.path.exists(
-            os.path.join(out, "evaluation.json")) else {}
-        differ = [k for k in identity if stored.get(k) != identity[k]]
-        if differ:
-            what = ", ".join(f"{k} {stored.get(k)}" for k in differ)[:200]
-            raise data.DataError(f"{out}: holds another evaluation ({what}); remove it or pass --out")
-    data.make_folder(out)
-    data.remove_stale_temporaries(out)
-    data.write_json(identity, os.path.join(out, "evaluation.json"))
+                    data=os.path.abspath(root), predict=predict, **dict(opts, layout=layout))
+    return layout, chosen, cfg["out"] or os.path.join(cfg["run"], folder), identity
 
 
 def evaluate_run(cfg):
-    """Predict every slice of each volume, map back to the native grid; per volume and class DSC/ASD/HD/HD95 in mm
-    and the structure's volume in ml (metrics.csv, summary.json, with ED and ES apart where both are scored); for
-    ACDC patients with ED and ES frames the clinical indices (clinical.csv, summary.json "clinical", Bland-Altman
-    plots)."""
+    """DSC/ASD/HD/HD95 in mm and volumes in ml per volume and class on the native grid; ACDC's clinical indices."""
     run_cfg, model = load_run(cfg["run"], cfg["device"], cfg["checkpoint"])
-    root, layout, volumes, out, identity = eval_setup(cfg, run_cfg)
-    claim_results(out, identity)
+    layout, volumes, out, identity = eval_setup(cfg, run_cfg)
+    data.claim_results(out, identity)
     for sub in ("pred", "png"):
         if cfg[f"save_{sub}"]:
             data.make_folder(os.path.join(out, sub))
     labels = list(range(1, run_cfg["num_classes"]))
     per_volume, rows, measured = [], [], []
     for i, vol in enumerate(volumes, 1):
-        (pred,), _ = segment(model, [vol], run_cfg, identity["predict"], run_cfg["batch_size"], Stopwatch())
+        (pred,), _ = segment(model, [vol], run_cfg, identity["predict"], run_cfg["batch_size"], {})
         if cfg["save_pred"]:
-            data.write_atomic(os.path.join(out, "pred", f"{vol.id}.nii.gz"), lambda t: data.save_label_nifti(pred, vol, t))
+            data.write_atomic(os.path.join(out, "pred", f"{vol.id}.nii.gz"),
+                              lambda tmp: data.save_label_nifti(pred, vol, tmp))
         if cfg["save_png"]:
-            data.write_atomic(os.path.join(out, "png", f"{vol.id}.png"), lambda tmp: data.overlay_png(tmp, vol, pred))
+            data.write_atomic(os.path.join(out, "png", f"{vol.id}.png"),
+                              lambda tmp: data.overlay_png(tmp, vol, pred))
         result = metrics.evaluate(pred, vol.label, vol.spacing, labels)
         ml = {c: (metrics.volume_ml(pred == c, vol.spacing), metrics.volume_ml(vol.label == c, vol.spacing))
               for c in labels}
         per_volume.append(result)
         measured.append((vol.case, vol.frame, ml))
         note(cfg, f"eval {i}/{len(volumes)} {vol.id}: DSC " + " ".join(f"{result[c]['dsc']:.3f}" for c in labels))
-        rows += [dict(id=vol.id, label=c, **result[c], volume_ml_pred=ml[c][0], volume_ml_gt=ml[c][1])
-                 for c in labels]
+        rows += [dict(id=vol.id, label=c, **result[c], volume_ml_pred=ml[c][0], volume_ml_gt=ml[c][1]) for c in labels]
     data.write_csv(rows, os.path.join(out, "metrics.csv"))
     summary = dict(metrics.summarize(per_volume), **identity, volumes=len(per_volume), units="mm",
-                   volume_ratio=volume_ratios(measured, labels))
+                   volume_ratio=metrics.volume_ratios(measured, labels))
     frames = {f: [r for r, m in zip(per_volume, measured) if m[1] == f] for f in ("ED", "ES")}
     if all(frames.values()):
         summary["frames"] = {f: metrics.summarize(r) for f, r in frames.items()}
@@ -1397,78 +1167,28 @@ def evaluate_run(cfg):
     if clinical:
         data.write_csv(clinical, os.path.join(out, "clinical.csv"))
         summary["clinical"] = metrics.clinical_agreement(clinical)
-        bland_altman(clinical, summary["clinical"], out + os.sep)
+        for index, svg in metrics.bland_altman_svgs(clinical, summary["clinical"]).items():
+            data.write_text(os.path.join(out, f"bland-altman-{index}.svg"), svg)
     data.write_json(summary, os.path.join(out, "summary.json"))
-    print_summary(summary, run_cfg["class_names"])
+    print(metrics.summary_table(summary, run_cfg["class_names"]))
     if clinical:
         print("\n" + metrics.clinical_table(summary["clinical"]))
     return summary
 
 
-def volume_ratios(measured, labels):
-    """{class: predicted / true volume summed over the volumes} (NaN where the truth is empty): below 1 a class is
-    under-segmented on the whole, above 1 over-segmented. measured: [(case, frame, {class: (pred ml, true ml)})]."""
-    sums = {c: np.sum([ml[c] for _, _, ml in measured], axis=0) for c in labels}
-    return {str(c): float(p / t) if t > 0 else math.nan for c, (p, t) in sums.items()}
-
-
-def bland_altman(rows, agreement, prefix):
-    """PREFIXbland-altman-INDEX.svg for LV EF, RV EF and LV EDV (metrics.bland_altman_svg)."""
-    for k in ("lv_ef", "rv_ef", "lv_edv"):
-        pairs = [(r[f"{k}_pred"], r[f"{k}_gt"]) for r in rows if not math.isnan(r[f"{k}_pred"] + r[f"{k}_gt"])]
-        if len(pairs) > 1:
-            data.write_text(f"{prefix}bland-altman-{k}.svg", metrics.bland_altman_svg(
-                pairs, agreement[k], k.replace("_", " ").upper(), metrics.CLINICAL[k]))
-
-
-def print_summary(summary, names):
-    """A table: one row per class and the mean over classes, mean +- std over volumes (NaNs left out)."""
-    print(f"{'class':12s} {'DSC':>15s} {'ASD mm':>15s} {'HD mm':>15s} {'HD95 mm':>15s}  NaNs left out")
-    for key, row in summary.items():
-        if not isinstance(row, dict) or "dsc" not in row:
-            continue
-        name = "mean" if key == "mean" else names[int(key)]
-        cells = [f"{row[m]['mean']:7.3f} ± {row[m]['std']:5.3f}" for m in ("dsc", "assd", "hd", "hd95")]
-        print(f"{name:12s} " + " ".join(f"{c:>15s}" for c in cells) + f"  {sum(row[m]['n_nan'] for m in row)}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# predict
-# ----------------------------------------------------------------------------------------------------------
-def plan(inputs, cfg):
-    """[(NAME, path, {kind: output path})] of the outputs still to write ("labels" OUT/NAME.nii.gz, "volumes"
-    OUT/NAME_volumes.csv with NAME_summary.json and, for a cine, NAME_volumes.svg, "prob" OUT/NAME_prob.nii.gz,
-    "png" OUT/NAME.png; existing ones only with --overwrite), inputs with none left out. DataError naming both inputs
-    when two would write one file."""
-    owner, todo = {}, []
-    for name, path in inputs:
-        files = {"labels": f"{name}.nii.gz", "volumes": f"{name}_volumes.csv",
-                 "prob": f"{name}_prob.nii.gz" if cfg["probabilities"] else None,
-                 "png": f"{name}.png" if cfg["save_png"] else None}
-        files = {k: os.path.join(cfg["out"], v) for k, v in files.items() if v}
-        for file in files.values():
-            if file in owner:
-                raise data.DataError(f"{path} and {owner[file]}: both would write {file}; inputs need distinct names")
-            owner[file] = path
-        missing = {k: v for k, v in files.items() if cfg["overwrite"] or not os.path.exists(v)}
-        if missing:
-            todo.append((name, path, missing))
-    return todo
-
-
-def predict_file(model, run_cfg, path, files, mode, batch_size, watch):
-    """Segment one 3D (X, Y, Z) or 4D (X, Y, Z, T) image and write files ({kind: path} of plan): uint8 labels of
-    the input's shape, the volumes (write_volumes), float32 probabilities (*shape, C), the overlay PNG of the first
-    frame. Returns (shape, the cine's cardiac indices or None)."""
-    with watch("read"):
+# ------------------------------------------------------------------------------------------------------------ predict
+def predict_file(model, run_cfg, path, files, mode, batch_size, seconds):
+    """Segment one 3D or 4D (cine) image and write `files` (data.plan_outputs); (shape, a cine's indices or None)."""
+    with stopwatch(seconds, "read"):
         frames, img = data.read_scan(path, warn=False)
-    labels, probs = segment(model, frames, run_cfg, mode, batch_size, watch, "prob" in files)
-    with watch("write"):
+    labels, probs = segment(model, frames, run_cfg, mode, batch_size, seconds, "prob" in files)
+    with stopwatch(seconds, "write"):
         if "labels" in files:
-            data.write_atomic(files["labels"], lambda tmp: data.save_like(np.stack(labels, 3).reshape(img.shape), img, tmp))
+            data.write_atomic(files["labels"],
+                              lambda tmp: data.save_like(np.stack(labels, 3).reshape(img.shape), img, tmp))
         if "prob" in files:
             data.write_atomic(files["prob"],
-                         lambda tmp: data.save_like(np.stack(probs, 3).reshape(*img.shape, -1), img, tmp))
+                              lambda tmp: data.save_like(np.stack(probs, 3).reshape(*img.shape, -1), img, tmp))
         if "png" in files:
             data.write_atomic(files["png"], lambda tmp: data.overlay_png(tmp, frames[0], labels[0]))
         indices = write_volumes(files.get("volumes"), frames, labels, run_cfg["class_names"], path)
@@ -1476,41 +1196,27 @@ def predict_file(model, run_cfg, path, files, mode, batch_size, watch):
 
 
 def write_volumes(csv_path, frames, labels, names, source):
-    """NAME_volumes.csv (one row per frame, numbered from 1 as ACDC's Info.cfg: each class's volume in ml) and
-    NAME_summary.json; for a cine of the ACDC classes (1 RV, 2 MYO, 3 LV) also the cardiac indices (ED = the frame
-    of the largest LV volume, ES of the smallest: EDV, ESV, stroke volume, EF, myocardial mass at ED) in the summary
-    and NAME_volumes.svg, the LV and RV volume curves with ED and ES marked. Returns the indices (or None)."""
+    """NAME_volumes.csv, NAME_summary.json and, for an ACDC cine, NAME_volumes.svg (metrics.volume_summary); the
+    cine's indices or None."""
     ml = [{c: metrics.volume_ml(lab == c, f.spacing) for c in range(1, len(names))} for f, lab in zip(frames, labels)]
-    indices = metrics.cine_indices(ml) if len(ml) > 1 and list(names[1:4]) == ["RV", "MYO", "LV"] else None
-    if csv_path is None:
-        return indices
-    data.write_csv([dict(frame=t + 1, **{f"{names[c]}_ml": v for c, v in m.items()}) for t, m in enumerate(ml)], csv_path)
-    stem = csv_path[:-len("_volumes.csv")]
-    summary = dict(input=os.path.abspath(source), frames=len(ml), frame_numbers="from 1, as ACDC's Info.cfg",
-                   volumes_ml={names[c]: [m[c] for m in ml] for c in ml[0]})
-    if indices:
-        summary.update(indices, ed=indices["ed"] + 1, es=indices["es"] + 1)
-        lv, rv = [m[3] for m in ml], [m[1] for m in ml]
-        t = list(range(1, len(ml) + 1))
-        series = [dict(name="LV", x=t, y=lv), dict(name="RV", x=t, y=rv),
-                  dict(name="ED", x=[summary["ed"]], y=[lv[indices["ed"]]], line=False),
-                  dict(name="ES", x=[summary["es"]], y=[lv[indices["es"]]], line=False)]
-        data.write_text(f"{stem}_volumes.svg", metrics.svg_plot(
-            series, "frame", "volume, ml", f"{os.path.basename(stem)}: LV EF {indices['lv_ef']:.1f} %, "
-            f"RV EF {indices['rv_ef']:.1f} %"))
-    data.write_json(summary, f"{stem}_summary.json")
+    rows, summary, indices = metrics.volume_summary(ml, names)
+    if csv_path is not None:
+        stem = csv_path[:-len("_volumes.csv")]
+        data.write_csv(rows, csv_path)
+        if indices:
+            data.write_text(f"{stem}_volumes.svg", metrics.volume_curve_svg(ml, indices, os.path.basename(stem)))
+        data.write_json(dict(input=os.path.abspath(source), **summary), f"{stem}_summary.json")
     return indices
 
 
 def predict_run(cfg):
-    """Segment every --input into --out (predict_file). The run folder and every input still to segment are read
-    and checked before the first output is written; finished outputs are kept unless --overwrite."""
+    """Segment every --input into --out, each input checked before the first output; kept unless --overwrite."""
     run_cfg, model = load_run(cfg["run"], cfg["device"])
     out = cfg["out"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise data.DataError(f"{out}: --out exists and is not a folder")
     inputs = data.find_inputs(cfg["input"], out)
-    todo = plan(inputs, cfg)
+    todo = data.plan_outputs(inputs, out, cfg["probabilities"], cfg["save_png"], cfg["overwrite"])
     if len(todo) < len(inputs):
         note(cfg, f"predict: {len(inputs) - len(todo)} of {len(inputs)} inputs already have their outputs in {out}, "
                   "skipped (--overwrite replaces them)")
@@ -1528,233 +1234,58 @@ def predict_run(cfg):
     data.remove_stale_temporaries(out)
     total = {}
     for i, (name, path, files) in enumerate(todo, 1):
-        watch = Stopwatch()
-        shape, indices = predict_file(model, run_cfg, path, files, mode, batch_size, watch)
-        total = {k: total.get(k, 0.0) + v for k, v in watch.seconds.items()}
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in watch.seconds.items())
+        seconds = {}
+        shape, indices = predict_file(model, run_cfg, path, files, mode, batch_size, seconds)
+        total = {k: total.get(k, 0.0) + v for k, v in seconds.items()}
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
         ef = f"; LV EF {indices['lv_ef']:.1f} % (ED frame {indices['ed'] + 1}, ES frame {indices['es'] + 1}), RV " \
              f"EF {indices['rv_ef']:.1f} %" if indices else ""
-        note(cfg, f"predict {i}/{len(todo)} {name} {'x'.join(map(str, shape))}: {sum(watch.seconds.values()):.2f} s "
+        note(cfg, f"predict {i}/{len(todo)} {name} {'x'.join(map(str, shape))}: {sum(seconds.values()):.2f} s "
                   f"({stages} s){ef}")
     spent = max(sum(total.values()), 1e-9)
     note(cfg, f"predict: {len(todo)} inputs in {spent:.1f} s, {spent / len(todo):.2f} s each, "
               f"{100 * (1 - total.get('network', 0) / spent):.0f} % of it outside the network; outputs in {out}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# report
-# ----------------------------------------------------------------------------------------------------------
-# Table 1 of the paper (IDEAL, mean of 5 runs; the paper gives no units for ASD and HD).
-PAPER_TABLE1 = {
-    "acdc": {"1.25": (0.738, 0.677, 2.409), "2.5": (0.846, 0.614, 2.209), "10": (0.879, 0.556, 2.094),
-             "100": (0.882, 0.489, 1.999)},
-    "mmwhs": {"10": (0.626, 2.397, 5.001), "20": (0.791, 1.798, 3.499), "40": (0.815, 1.355, 2.221),
-              "100": (0.826, 1.317, 2.183)},
-}
-ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders, Eq. 3)",
-             "pretrained-dice-ce": "IDEAL pre-training, supervised fine-tuning, CE + Dice (ideal without Eq. 3's "
-                                   "unlabeled term)",
-             "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning, CE",
-             "supervised": "random init, supervised fine-tuning, CE",
-             "global": "global-only pre-training + IDEAL fine-tuning",
-             "local": "local-only pre-training + IDEAL fine-tuning",
-             "same-decoders": "IDEAL with two ConvTranspose decoders",
-             "paper-literal": "IDEAL, Eq. 3 as the paper writes it (one pass, same-view pseudo-labels, every pixel)"}
-METRIC_NAMES = dict(zip(metrics.METRICS, ("DSC", "ASD mm", "HD mm", "HD95 mm")))
-
-
-def collect(runs, rows=None, split="test"):
-    """{row: {fraction: [run record of each seed]}} from RUNS/<row>/L<fraction>/seed<k>/ of each folder in runs
-    (eval-SPLIT/summary.json, eval-SPLIT-final/summary.json where it exists, and log.jsonl), for the rows named in
-    `rows` (default: every row found), in that order."""
-    table = {}
-    for path in sorted(p for r in runs for p in glob.glob(os.path.join(r, "*", "L*", "seed*", f"eval-{split}",
-                                                                          "summary.json"))):
-        row, frac = path.split(os.sep)[-5:-3]
-        if (rows is None or row in rows) and re.fullmatch(r"L\d+(\.\d+)?", frac):
-            run = os.path.dirname(os.path.dirname(path))
-            record = read_summary(path)
-            final = os.path.join(run, f"eval-{split}-final", "summary.json")
-            record["final_dsc"] = read_summary(final)["mean"]["dsc"]["mean"] if os.path.exists(final) else None
-            record["validation"] = validation_curve(run)
-            record["seed"] = path.split(os.sep)[-3].removeprefix("seed")
-            table.setdefault(row, {}).setdefault(frac[1:], []).append(record)
-    order = rows or list(ROW_NAMES)
-    return {row: dict(sorted(table[row].items(), key=lambda kv: float(kv[0])))
-            for row in sorted(table, key=lambda r: order.index(r) if r in order else len(order))}
-
-
-def read_summary(path):
-    """An eval summary.json with a number for the mean and std of every metric over the volumes; DataError else."""
-    record = data.read_json(path)
-    means = record.get("mean") if isinstance(record, dict) else None
-    if not isinstance(means, dict) or not all(isinstance(means.get(m), dict) and all(
-            isinstance(means[m].get(k), (int, float)) for k in ("mean", "std")) for m in metrics.METRICS):
-        raise data.DataError(f"{path}: not an eval summary (no numeric mean and std of {', '.join(metrics.METRICS)})")
-    return record
-
-
-def validation_curve(run):
-    """The validation Dice of a fine-tuning run: best, spread (max - min) and mean over the last 10 epochs."""
-    path = os.path.join(run, "log.jsonl")
-    try:
-        with open(path) as f:
-            dice = [float(json.loads(line)["val_dice"]) for line in f if line.strip()]
-        last = dice[-10:]
-        return {"best": max(dice), "spread": max(last) - min(last), "last10": float(np.mean(last))}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise data.DataError(f"{path}: not a fine-tuning log ({' '.join(str(e).split())[:160]})") from None
-
-
-def cell(values):
-    """(mean, std, text) of one value per run; a single run's value comes with its std over test volumes."""
-    if len(values) == 1 and isinstance(values[0], dict):
-        return values[0]["mean"], values[0]["std"], f"{values[0]['mean']:.3f} ± {values[0]['std']:.3f}"
-    means = np.array([v["mean"] if isinstance(v, dict) else v for v in values], dtype=float)
-    return float(means.mean()), float(means.std()), f"{means.mean():.3f} ± {means.std():.3f}"
-
-
-def per_run(record):
-    """One run of a report: seed, DSC on the evaluated split (best-validation and final checkpoint, mean and per
-    class), predicted / true volume per class, and its validation curve's figures."""
-    classes = {k: v["dsc"]["mean"] for k, v in record.items() if k.isdigit() and isinstance(v, dict) and "dsc" in v}
-    return dict(seed=record["seed"], dsc=record["mean"]["dsc"]["mean"], final_dsc=record["final_dsc"],
-                dsc_per_class=classes, volume_ratio=record.get("volume_ratio"), validation=record["validation"])
-
-
-def report_rows(table, paper):
-    """(markdown table lines, JSON results) of collect()'s table."""
-    columns = list(METRIC_NAMES.values()) + ["final DSC", "val best", "val spread", "runs"] + \
-        (["paper DSC / ASD / HD"] if paper else [])
-    lines, results = ["| row | L % | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)], []
-    for row, fractions in table.items():
-        for frac, runs in fractions.items():
-            cells = {m: cell([r["mean"][m] for r in runs]) for m in metrics.METRICS}
-            finals = [r["final_dsc"] for r in runs if r["final_dsc"] is not None]
-            cells["final_dsc"] = cell(finals) if len(finals) == len(runs) else (None, None, "")
-            cells.update({f"val_{k}": cell([r["validation"][k] for r in runs]) for k in ("best", "spread")})
-            texts = [c[2] for c in cells.values()][:len(METRIC_NAMES) + 1] + [
-                f"{cells[f'val_{k}'][0]:.3f}" for k in ("best", "spread")] + [str(len(runs))]
-            if paper:
-                texts.append(" / ".join(map(str, paper[frac])) if row == "ideal" and frac in paper else "")
-            lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(texts) + " |")
-            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
-                                **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()},
-                                per_run=[per_run(r) for r in runs]))
-    return lines, results
+# ------------------------------------------------------------------------------------------------------------- report
+def write_report(cfg, title, lines, results, **fields):
+    """OUT.md (the heading, who made the runs, then lines) and OUT.json (fields and results); prints the text."""
+    text = "\n".join([f"# {title}", "", f"Made by `{cfg['made_by']}` at commit {cfg['commit']}.", "", *lines]) + "\n"
+    data.write_text(f"{cfg['out']}.md", text)
+    data.write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], **fields, results=results),
+                    f"{cfg['out']}.json")
+    print(text, end="")
 
 
 def report(cfg):
-    """results/<name>.md, .json and .svg (DSC against the labeled fraction) from the runs under --runs: test
-    metrics (or another --split's), the final checkpoint's DSC, validation Dice, and the paper's Table 1 beside
-    IDEAL for the datasets the paper used (test split only)."""
+    """OUT.md, .json and .svg (DSC against the labeled fraction) of the runs under --runs, Table 1 beside IDEAL."""
     if cfg["clinical"]:
         return clinical_report(cfg)
-    split = cfg["split_name"]
-    table = collect(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None, split)
+    split, rows = cfg["split_name"], cfg["rows"].split() if cfg["rows"] else None
+    table = data.collect_runs(cfg["runs"], split, metrics.METRICS, rows, order=list(metrics.ROW_NAMES))
     if not table:
         raise data.DataError(f"{' '.join(cfg['runs'])}: no <row>/L<fraction>/seed<k>/eval-{split}/summary.json found")
-    paper = PAPER_TABLE1.get(cfg["dataset"]) if "ideal" in table and split == "test" else None
-    scope = "Test set: mean ± std over test volumes" if split == "test" else \
-        f"The {split} split (`eval --split {split}`): mean ± std over its volumes"
-    rows, results = report_rows(table, paper)
-    name = os.path.basename(cfg["out"])
-    lines = [f"# {cfg['title']}", "", f"Made by `{cfg['made_by']}` at commit {cfg['commit']}.", "",
-             f"![DSC against the labeled fraction]({name}.svg)", "",
-             f"{scope} of the per-volume mean over foreground classes for one run, "
-             "mean ± std of the runs' means over several (a seed is a whole pipeline: its own pre-trained encoder, "
-             "labeled volumes and fine-tuning); distances in mm on the native grid (metrics.py, medpy 0.5.2 "
-             "convention). DSC: the checkpoint of best validation Dice; final DSC: the last epoch's. val best: best "
-             "validation Dice of a run; val spread: max - min of its validation Dice over the last 10 epochs (means "
-             "over runs).", "", *rows]
-    text = "\n".join(lines) + "\n"
+    paper = metrics.PAPER_TABLE1.get(cfg["dataset"]) if "ideal" in table and split == "test" else None
+    lines, results = metrics.results_table(table, paper, split, os.path.basename(cfg["out"]))
     data.make_folder(os.path.dirname(os.path.abspath(cfg["out"])))
-    data.write_text(f"{cfg['out']}.md", text)
-    data.write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], split=split, units="mm",
-                    results=results), f"{cfg['out']}.json")
-    series = [dict(name=row, x=[r["labeled_percent"] for r in results if r["row"] == row],
-                   y=[r["dsc"]["mean"] for r in results if r["row"] == row],
-                   err=[r["dsc"]["std"] for r in results if r["row"] == row]) for row in table]
-    data.write_text(f"{cfg['out']}.svg", metrics.svg_plot(series, "labeled training volumes, %", f"{split} DSC",
-                                                         cfg["title"], xlog=True))
-    print(text, end="")
-
-
-# Published agreement on the ACDC challenge's test set (Bernard et al., IEEE TMI 2018; another split than ours).
-ANCHORS = ("ACDC challenge, best methods: LV EF r 0.99 (bias within ±0.5, SD about 3 points), LV EDV r 0.997, "
-           "myocardial mass r 0.98-0.99; plain 2D U-Nets trained on ED and ES: LV EF r 0.94-0.97, RV EF r 0.86-0.90; "
-           "two human readers differ by 4.6-7.5 EF points (Bernard et al., IEEE TMI 2018, on the challenge's test set).")
-CLINICAL_COLUMNS = ("lv_edv", "lv_esv", "lv_ef", "rv_edv", "rv_esv", "rv_ef", "myo_mass")
-
-
-def collect_clinical(runs, rows):
-    """{label: {fraction: [summary of each seed]}}: every run's evaluation on both ACDC frames of the test patients,
-    eval-test of a run trained on both frames (labelled ROW), eval-test-both of one trained on ED (ROW, ED only)."""
-    table = {}
-    for path in sorted(p for r in runs for p in glob.glob(os.path.join(r, "*", "L*", "seed*", "config.json"))):
-        run = os.path.dirname(path)
-        row, frac = run.split(os.sep)[-3:-1]
-        both = data.read_json(path).get("frames") == "both"
-        summary = os.path.join(run, "eval-test" if both else "eval-test-both", "summary.json")
-        if (rows and row not in rows) or not os.path.exists(summary):
-            continue
-        record = read_summary(summary)
-        if "clinical" not in record or "frames" not in record:
-            raise data.DataError(f"{summary}: not an evaluation of ED and ES frames (eval --frames both)")
-        record["rows"] = list(csv.DictReader(open(os.path.join(os.path.dirname(summary), "clinical.csv"))))
-        table.setdefault(row if both else f"{row}, ED only", {}).setdefault(frac[1:], []).append(record)
-    return {k: dict(sorted(v.items(), key=lambda kv: float(kv[0]))) for k, v in table.items()}
+    data.write_text(f"{cfg['out']}.svg", metrics.results_svg(results, split, cfg["title"]))
+    write_report(cfg, cfg["title"], lines, results, split=split, units="mm")
 
 
 def clinical_report(cfg):
-    """OUT.md, .json and Bland-Altman SVGs of the clinical table: per row and fraction (mean ± std over seeds), DSC
-    per class on ED and on ES frames, and each index's Pearson r and bias (95 % limits of agreement for EF)."""
-    table = collect_clinical(cfg["runs"], cfg["rows"].split() if cfg["rows"] else None)
+    """OUT.md, .json and Bland-Altman SVGs: DSC on ED and ES, each index's agreement, per row and fraction."""
+    table = data.collect_clinical(cfg["runs"], metrics.METRICS, cfg["rows"].split() if cfg["rows"] else None)
     if not table:
         raise data.DataError(f"{' '.join(cfg['runs'])}: no run evaluated on ED and ES frames found")
-    classes = [k for k in next(iter(next(iter(table.values())).values()))[0]["frames"]["ED"] if k.isdigit()]
-    dsc = [f"{f} {c}" for f in ("ED", "ES") for c in classes + ["mean"]]
-    lines = [f"# {cfg['title']}: volumes, ejection fraction and mass", "", f"Made by `{cfg['made_by']}` at commit "
-             f"{cfg['commit']}.", "", "Test patients, ED and ES frames. DSC per class (1 RV, 2 MYO, 3 LV) on ED and "
-             "on ES frames; each clinical index as Pearson r / bias (prediction - truth; ml, %, g), for EF with the 95 "
-             "% limits of agreement; mean ± std over seeds (pipelines). " + ANCHORS, "",
-             "| row | L % | " + " | ".join(dsc) + " | runs |", "|---|---|" + "---|" * (len(dsc) + 1)]
-    index_lines, results, best = ["| row | L % | " + " | ".join(CLINICAL_COLUMNS) + " |",
-                                  "|---|---|" + "---|" * len(CLINICAL_COLUMNS)], [], None
-    for row, fractions in table.items():
-        for frac, runs in fractions.items():
-            cells = {f"{f} {c}": cell([r["frames"][f][c]["dsc"] for r in runs]) for f in ("ED", "ES") for c in
-                     classes + ["mean"]}
-            agree = {k: {m: cell([r["clinical"][k][m] for r in runs]) for m in ("r", "bias", "loa_low", "loa_high")}
-                     for k in CLINICAL_COLUMNS}
-            lines.append(f"| {row} | {frac} | " + " | ".join(c[2] for c in cells.values()) + f" | {len(runs)} |")
-            index_lines.append(f"| {row} | {frac} | " + " | ".join(
-                f"{a['r'][0]:.3f} / {a['bias'][0]:+.1f}" + (f" [{a['loa_low'][0]:.0f}, {a['loa_high'][0]:.0f}]"
-                                                            if k.endswith("_ef") else "")
-                for k, a in agree.items()) + " |")
-            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs), **{
-                k: {"mean": c[0], "std": c[1]} for k, c in cells.items()}, clinical={
-                k: {m: {"mean": c[0], "std": c[1]} for m, c in a.items()} for k, a in agree.items()}))
-            if best is None or agree["lv_ef"]["r"][0] > best[0]:
-                best = (agree["lv_ef"]["r"][0], row, frac, [x for r in runs for x in r["rows"]])
-    pooled = [{k: float(v) for k, v in r.items() if k != "case"} for r in best[3]]
-    bland_altman(pooled, metrics.clinical_agreement(pooled), f"{cfg['out']}-")
-    text = "\n".join(lines + ["", *index_lines, "", f"Bland-Altman plots of the row of best LV EF r ({best[1]} at "
-                              f"{best[2]} %, every seed's patients): `{os.path.basename(cfg['out'])}-bland-altman-"
-                              "{lv_ef,rv_ef,lv_edv}.svg`."]) + "\n"
-    data.write_text(f"{cfg['out']}.md", text)
-    data.write_json(dict(title=cfg["title"], made_by=cfg["made_by"], commit=cfg["commit"], results=results),
-               f"{cfg['out']}.json")
-    print(text, end="")
+    lines, results, pooled = metrics.clinical_results_table(table, os.path.basename(cfg["out"]))
+    for index, svg in metrics.bland_altman_svgs(pooled, metrics.clinical_agreement(pooled)).items():
+        data.write_text(f"{cfg['out']}-bland-altman-{index}.svg", svg)
+    write_report(cfg, f"{cfg['title']}: volumes, ejection fraction and mass", lines, results)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# bench
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------------------- bench
 def images_per_second(full, bare, images, device, steps, rounds=10):
-    """Throughputs of the step functions full() and bare() after two warm-up calls each, timed in alternating rounds
-    of steps // rounds calls, so that both meet the machine's slow and fast moments alike: the median round of each,
-    and the median of the rounds' ratios (full / bare, timed back to back) as their ratio."""
+    """(full's images/s, bare's, their median ratio), timed in alternating rounds after two warm-up calls each."""
     def timed(step, calls):
         t0 = time.perf_counter()
         for _ in range(calls):
@@ -1773,8 +1304,7 @@ def images_per_second(full, bare, images, device, steps, rounds=10):
 
 
 def bare_step(model, opt, *batches, no_grad=()):
-    """The bare network on ready-made images: forward (each batch its own pass, as the training step makes them;
-    the no_grad batches without gradient) -> mean of the outputs -> backward -> Adam, nothing else."""
+    """The bare network on ready-made images: a pass per batch -> mean of the outputs -> backward -> Adam."""
     with autocast(batches[0].device):
         with torch.no_grad():
             for x in no_grad:
@@ -1787,36 +1317,32 @@ def bare_step(model, opt, *batches, no_grad=()):
 
 
 def bench_pretrain(cfg, device, pool, g):
-    """The training loop's pre-training step (sampling, views, encoder, heads, both losses, backward, Adam, the
-    finiteness bookkeeping) vs the bare encoder+heads on 2B images of the same shape. Counts slices (B)."""
+    """Throughput of the whole pre-training step vs the bare encoder and heads on its 2B views (counts B slices)."""
     b = cfg["batch_size"]
     model = to_device(PretrainNet(cfg["depth"], cfg["width"], cfg["proj_dim"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=PRESETS[cfg["preset"]]["pretrain_lr"])
-    meter = Meter(cfg, 1)
+    meter = Meter(cfg, cfg["steps"], quiet=True)
 
     def full():
         x = pool[torch.randint(len(pool), (b,), device=device, generator=g)]
-        meter.add(pretrain_step(model, opt, x, g, **{k: cfg[k] for k in LOSS_KEYS}))
+        meter.add(pretrain_step(model, opt, x, g, **{k: cfg[k] for k in LOSS_KEYS}), b)
 
     return images_per_second(full, functools.partial(bare_step, model, opt, pool[:2 * b]), b, device, cfg["steps"])
 
 
 def bench_finetune(cfg, device, pool, g):
-    """The training loop's fine-tuning step with the default Eq. 3 (labeled and unlabeled batches drawn and augmented,
-    the passes the --forward and --pseudo settings make, the pseudo-labels and their threshold, Eq. 3 with the
-    --sup-loss labeled term, backward, Adam, finiteness bookkeeping) vs the bare network making the same passes on
-    ready-made images. Counts labeled + unlabeled images."""
+    """Throughput of the whole fine-tuning step vs the bare network making the same passes (counts all images)."""
     b = cfg["batch_size"]
     model = to_device(IDEALSegmenter(4, cfg["depth"], cfg["width"]), device)
     opt = torch.optim.Adam(model.parameters(), lr=PRESETS[cfg["preset"]]["finetune_lr"])
     masks = (pool[:, 0] * 4).long().clamp(max=3)
-    meter, g_cpu = Meter(cfg, 1), torch.Generator().manual_seed(DEFAULTS["seed"])
+    meter, g_cpu = Meter(cfg, cfg["steps"], quiet=True), torch.Generator().manual_seed(DEFAULTS["seed"])
 
     def full():
         xl, ml = labeled_views(pool, masks, b, g_cpu, g)
         xu, xw = unlabeled_views(pool, b, g_cpu, g, cfg["pseudo"])
         meter.add(finetune_step(model, opt, xl, ml, xu, xw, DEFAULTS["unlabeled_weight"], cfg["forward"],
-                                DEFAULTS["threshold"], cfg["sup_loss"] == "dice-ce"))
+                                DEFAULTS["threshold"], cfg["sup_loss"] == "dice-ce"), 2 * b)
 
     xl, xu = pool[:b], pool[b:2 * b]
     batches = (torch.cat([xl, xu]),) if cfg["forward"] == "joint" else (xl, xu)
@@ -1844,9 +1370,7 @@ def bench(cfg):
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------- Command line
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line on stderr (exit 2) instead of usage + error."""
 
@@ -1902,41 +1426,34 @@ def add_process_options(p, quiet=True):
 
 
 def add_data_options(p, of_run=False):
-    run = " (default: the run's)"
-    p.add_argument("--data", type=text, help="dataset folder" + (run if of_run else " (default: the synthetic "
-                   "phantom in cache/phantom)"))
-    p.add_argument("--layout", default=None if of_run else "auto", choices=("auto", "acdc", "mmwhs", "own"),
-                   help="dataset layout" + (run if of_run else ""))
+    run = " (default: the run's)" if of_run else ""
+    p.add_argument("--data", type=text, help="dataset folder" + (run or " (default: the phantom in cache/phantom)"))
+    p.add_argument("--layout", default=None if of_run else "auto", choices=("auto", *data.LAYOUTS), help="layout" + run)
     p.add_argument("--frames", default=None if of_run else "ed", choices=("ed", "es", "both"),
-                   help="ACDC frames used; with both, a labeled patient gives both of its frames" +
-                   (run if of_run else ""))
-    p.add_argument("--label-map", type=text, help="remap raw label values, e.g. 1:3,3:1" + (run if of_run else ""))
+                   help="ACDC frames used; with both, a labeled patient gives both of its frames" + run)
+    p.add_argument("--label-map", type=text, help="remap raw label values, e.g. 1:3,3:1" + run)
 
 
 def add_model_options(p, command):
-    """Preset, seed, architecture, input and optimisation: each shows the presets' values for `command` (bench: only
-    those that change what it times)."""
+    """Preset, seed, architecture, input and optimiser, each with the presets' values (bench: what it times)."""
     p.add_argument("--preset", choices=sorted(PRESETS), help="paper with a GPU, cpu without")
     if command != "bench":
         p.add_argument("--seed", type=number(int, inclusive=True, high=2 ** 32 - 1), default=DEFAULTS["seed"],
                        help="seed of weights, labeled subset and augmentation")
     p.add_argument("--depth", type=int, choices=sorted(RESNETS), help=preset_help("depth", "ResNet depth"))
     p.add_argument("--width", type=number(int, high=1024), help=preset_help("width", "ResNet stem width"))
-    p.add_argument("--size", type=number(int, high=2048), help=preset_help("size", "slice size in pixels, a "
-                   "multiple of 32"))
-    p.add_argument("--batch-size", type=number(int, high=65536), help=preset_help("batch_size", "slices per batch "
-                   "and process (fine-tuning: as many labeled and as many unlabeled)"))
+    p.add_argument("--size", type=number(int, high=2048), help=preset_help("size", "slice size, a multiple of 32"))
+    p.add_argument("--batch-size", type=number(int, high=65536), help=preset_help("batch_size", "slices per batch and "
+                   "process (fine-tuning: as many labeled and as many unlabeled)"))
     if command != "bench":
-        p.add_argument("--spacing", type=number(float, high=100.0), help=preset_help("spacing", "in-plane spacing in "
-                       "mm"))
+        p.add_argument("--spacing", type=number(float, high=100.0), help=preset_help("spacing", "in-plane spacing, mm"))
         p.add_argument("--lr", type=number(float), help=preset_help(f"{command}_lr", "Adam learning rate"))
 
 
 def add_training_options(p, command):
     p.add_argument("--out", type=text, required=True, help="run folder")
-    p.add_argument("--epochs", type=number(int, high=10 ** 6), help=preset_help(f"{command}_epochs", "epochs") +
-                   "; with --resume: extends the run")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--epochs", type=number(int, high=10 ** 6), help=preset_help(f"{command}_epochs", "epochs"))
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (--epochs extends it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA only)")
 
@@ -1954,8 +1471,8 @@ def add_pretrain_loss_options(p, bench=False):
 
 
 def add_finetune_loss_options(p, bench=False):
-    """Eq. 3 and how its batches are formed, defaults chosen on the validation split (results/EXPERIMENTS.md); the
-    paper-literal setting: --forward joint --pseudo same --threshold 0 --rampup 0 --sup-loss ce."""
+    """Eq. 3 and its batches, defaults chosen on the validation split (results/EXPERIMENTS.md); the paper-literal
+    setting: --forward joint --pseudo same --threshold 0 --rampup 0 --sup-loss ce."""
     p.add_argument("--sup-loss", default=DEFAULTS["sup_loss"], choices=("ce", "dice-ce"),
                    help="labeled term of Eq. 3: CE, or CE + soft Dice over the foreground classes")
     if not bench:
@@ -1971,15 +1488,26 @@ def add_finetune_loss_options(p, bench=False):
                    help="pseudo-labels from a weak view (geometry only) of the strongly augmented slice, or from it")
 
 
+def add_finetune_options(p):
+    p.add_argument("--pretrained", type=text, metavar="ENCODER.pt|none", help="encoder.pt of a pre-training run, "
+                   "or none for a random initialisation (required unless --resume continues a run)")
+    p.add_argument("--labeled", type=number(float, high=100.0),
+                   help=f"L: %% of the training patients labeled (default: {DEFAULTS['labeled']})")
+    p.add_argument("--split-file", type=text, help="split.json to reuse (its labeled volumes replace --labeled)")
+    add_finetune_loss_options(p)
+    p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
+    p.add_argument("--steps-per-epoch", type=number(int, high=10 ** 7),
+                   help=preset_help("steps_per_epoch", "steps per epoch"))
+
+
 def add_eval_options(p):
     p.add_argument("--run", type=text, required=True, help="fine-tuning run folder (holding best.pt)")
     p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train", "all"),
-                   help="test|val|train: the run's split.json (ACDC by patient, so --frames both scores ED and ES), "
-                   "results in RUN/eval-SPLIT; all: every labeled volume of --data, results in RUN/eval-<data folder "
-                   "name>-all; -FRAMES is added when --frames is not the run's, -final with --checkpoint final")
+                   help="the run's test|val|train volumes (split.json, ACDC by patient) into RUN/eval-SPLIT, or all "
+                   "labeled ones of --data into RUN/eval-<folder>-all; -FRAMES for other --frames, -final for final.pt")
     p.add_argument("--predict", choices=("mean", "d1", "d2"), help="decoders' prediction (default: the run's)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "final"), help="best.pt (best validation Dice) "
-                   "or final.pt (the last epoch's), results in RUN/eval-.../ or RUN/eval-...-final/")
+    p.add_argument("--checkpoint", default="best", choices=("best", "final"),
+                   help="best.pt (best validation Dice) or final.pt (the last epoch's)")
     p.add_argument("--out", type=text, help="results folder (default: RUN/eval-SPLIT..., see --split)")
     p.add_argument("--save-pred", action="store_true", help="write eval-SPLIT/pred/ID.nii.gz")
     p.add_argument("--save-png", action="store_true", help="write eval-SPLIT/png/ID.png overlays")
@@ -2004,10 +1532,9 @@ def add_report_options(p):
     p.add_argument("--clinical", action="store_true", help="the clinical table: each run's evaluation on ED and ES "
                    "frames (eval-test of runs trained on both, eval-test-both of runs trained on ED)")
     p.add_argument("--split", dest="split_name", default="test", choices=("test", "val", "train", "all"),
-                   help="whose evaluations to tabulate (eval --split; default: test)")
+                   help="whose evaluations to tabulate (eval --split)")
     p.add_argument("--out", type=text, required=True, help="writes OUT.md and OUT.json")
-    p.add_argument("--dataset", default="acdc", help="whose Table 1 numbers to show beside IDEAL (acdc, mmwhs; "
-                   "any other name shows none)")
+    p.add_argument("--dataset", default="acdc", help="whose Table 1 to show beside IDEAL (acdc, mmwhs; else none)")
     p.add_argument("--rows", help="the rows to tabulate, space-separated, in this order (default: every row found)")
     p.add_argument("--title", default="IDEAL results", help="heading of the table")
     p.add_argument("--made-by", default="", help="the command that made the runs")
@@ -2022,32 +1549,18 @@ def build_parser():
     add_pretrain_loss_options(p), add_process_options(p)
     p = sub.add_parser("finetune", help="semi-supervised fine-tuning (Eq. 3)")
     add_model_options(p, "finetune"), add_data_options(p), add_training_options(p, "finetune")
-    p.add_argument("--pretrained", type=text, metavar="ENCODER.pt|none", help="encoder.pt of a pre-training run, "
-                   "or none for a random initialisation (required unless --resume continues a run)")
-    p.add_argument("--labeled", type=number(float, high=100.0),
-                   help=f"L: %% of the training patients labeled (default: {DEFAULTS['labeled']})")
-    p.add_argument("--split-file", type=text, help="split.json to reuse instead of drawing one (its labeled volumes "
-                   "replace --labeled)")
-    add_finetune_loss_options(p)
-    p.add_argument("--same-decoders", action="store_true", help="ablation: both decoders ConvTranspose")
-    p.add_argument("--steps-per-epoch", type=number(int, high=10 ** 7), help=preset_help("steps_per_epoch",
-                   "steps per epoch"))
-    add_process_options(p)
+    add_finetune_options(p), add_process_options(p)
     p = sub.add_parser("eval", help="metrics of a fine-tuned run on the native grid", description="Scores a "
                        "fine-tuned run on its own split or on every labeled volume of any dataset.")
     add_eval_options(p), add_data_options(p, of_run=True), add_process_options(p)
     p = sub.add_parser("predict", help="segment new scans with a fine-tuned run", description="Segments 3D and 4D "
-                       "NIfTI scans with a fine-tuning run's best.pt (architecture, preprocessing and classes come "
-                       "from it; no dataset needed) into OUT/NAME.nii.gz: uint8 labels with the input's shape, "
-                       "affine and header. Every input is checked before the first output is written; existing "
-                       "outputs are kept unless --overwrite, so an interrupted batch continues.")
+                       "NIfTI scans with a run's best.pt into OUT/NAME.nii.gz (uint8 labels, the input's shape, affine "
+                       "and header); every input is checked first, existing outputs are kept unless --overwrite.")
     add_predict_options(p), add_process_options(p)
-    p = sub.add_parser("report", help="results table from the eval summaries of run.sh's run folders")
-    add_report_options(p)
+    add_report_options(sub.add_parser("report", help="results table from the eval summaries of run.sh's run folders"))
     p = sub.add_parser("bench", help="training-step throughput vs the bare model (the default losses)")
     add_model_options(p, "bench"), add_pretrain_loss_options(p, bench=True), add_finetune_loss_options(p, bench=True)
-    p.add_argument("--steps", type=number(int), default=60,
-                   help="timed steps of each kind, in 10 rounds that alternate the training step and the bare model")
+    p.add_argument("--steps", type=number(int), default=60, help="timed steps of each kind (10 alternating rounds)")
     add_process_options(p, quiet=False)
     return parser
 
@@ -2083,8 +1596,16 @@ def resolve(args, parser):
         cfg["lr"] = preset["finetune_lr" if args.command == "finetune" else "pretrain_lr"]
     if cfg["size"] % 32:
         parser.error(f"argument --size: must be a multiple of 32 (the encoder's stride), got {cfg['size']}")
-    if args.command == "finetune":
-        check_finetune(cfg, parser)
+    if args.command == "finetune":                  # --pretrained unless resuming; --labeled or --split-file
+        resumable = cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt"))
+        if not (cfg["pretrained"] or resumable):
+            parser.error("argument --pretrained: ENCODER.pt (or none, a random initialisation) is required" +
+                         (f" ({cfg['out']} holds no checkpoint to resume)" if cfg["resume"] else ""))
+        if cfg["split_file"] and cfg["labeled"] is not None:
+            parser.error("argument --labeled: not with --split-file, whose labeled volumes the run uses")
+        if not cfg["split_file"] and cfg["labeled"] is None:
+            cfg["labeled"] = DEFAULTS["labeled"]
+        cfg["predict"] = DEFAULTS["predict"]
     if cfg.get("sync_bn") and not cfg["device"].startswith("cuda"):
         parser.error(f"argument --sync-bn: SyncBatchNorm needs CUDA devices, this run is on {cfg['device']}")
     return cfg
@@ -2094,26 +1615,6 @@ def hardware(cfg):
     """'preset P on DEVICE (N threads)' for a training command's first note."""
     threads = f" ({torch.get_num_threads()} threads)" if cfg["device"] == "cpu" else ""
     return f"preset {cfg['preset']} on {cfg['device']}{threads}"
-
-
-def subparser(command):
-    """The parser of one sub-command: its actions check a stored config as they check the command line."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[command]
-
-
-def check_finetune(cfg, parser):
-    """finetune's rules across options: an encoder (or none) unless a checkpoint is resumed; --labeled or
-    --split-file, whose labeled volumes replace it; validation predicts as the runs' default."""
-    resumable = cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt"))
-    if not (cfg["pretrained"] or resumable):
-        parser.error("argument --pretrained: ENCODER.pt (or none, a random initialisation) is required" +
-                     (f" ({cfg['out']} holds no checkpoint to resume)" if cfg["resume"] else ""))
-    if cfg["split_file"] and cfg["labeled"] is not None:
-        parser.error("argument --labeled: not with --split-file, whose labeled volumes the run uses")
-    if not cfg["split_file"] and cfg["labeled"] is None:
-        cfg["labeled"] = DEFAULTS["labeled"]
-    cfg["predict"] = DEFAULTS["predict"]
 
 
 def given_options(argv):
@@ -2136,21 +1637,13 @@ def main(argv=None):
             leave_distributed()
         else:
             {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command](cfg)
-    except (data.DataError, CheckpointError) as e:
-        error(args.command, e)
-        return 2
-    except (FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError) as e:
-        error(args.command, e)
-        return 1
+    except (data.DataError, CheckpointError, FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:       # one line, from rank 0 only
+            print(f"ideal.py {args.command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 2 if isinstance(e, (data.DataError, CheckpointError)) else 1
     finally:
         leave_distributed(clean=False)               # after an error; a no-op once left
     return 0
-
-
-def error(command, e):
-    """The one line of an error on stderr, from rank 0 only under torchrun."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"ideal.py {command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
 
 
 if __name__ == "__main__":

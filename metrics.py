@@ -581,6 +581,13 @@ def agreement(pred, gt):
             "sd": sd, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
 
 
+def volume_ratios(measured, labels):
+    """{class: predicted / true volume summed over the volumes} (NaN where the truth is empty): below 1 a class is
+    under-segmented on the whole. measured: [(case, frame, {class: (pred ml, true ml)})] as for clinical_rows."""
+    sums = {c: np.sum([ml[c] for _, _, ml in measured], axis=0) for c in labels}
+    return {str(c): float(p / t) if t > 0 else math.nan for c, (p, t) in sums.items()}
+
+
 # ACDC challenge indices (classes 1 RV, 2 MYO, 3 LV): index -> unit. Myocardial mass = MYO volume at ED x 1.05 g/ml.
 CLINICAL = {"lv_edv": "ml", "lv_esv": "ml", "lv_sv": "ml", "lv_ef": "%", "rv_edv": "ml", "rv_esv": "ml",
             "rv_sv": "ml", "rv_ef": "%", "myo_mass": "g"}
@@ -624,6 +631,18 @@ def clinical_rows(measured):
             rows.append({"case": case, **{f"{k}_{side}": idx[k] for k in CLINICAL
                                           for side, idx in (("pred", pred), ("gt", gt))}})
     return rows
+
+
+def volume_summary(frames, names):
+    """(CSV rows: ml per class and frame, numbered from 1 as ACDC's Info.cfg; summary; cine_indices for a cine of the
+    ACDC classes 1 RV, 2 MYO, 3 LV, else None) of a scan's class volumes per frame [{class: ml}]; names: by class."""
+    indices = cine_indices(frames) if len(frames) > 1 and list(names[1:4]) == ["RV", "MYO", "LV"] else None
+    rows = [dict(frame=t + 1, **{f"{names[c]}_ml": v for c, v in m.items()}) for t, m in enumerate(frames)]
+    summary = dict(frames=len(frames), frame_numbers="from 1, as ACDC's Info.cfg",
+                   volumes_ml={names[c]: [m[c] for m in frames] for c in frames[0]})
+    if indices:
+        summary.update(indices, ed=indices["ed"] + 1, es=indices["es"] + 1)
+    return rows, summary, indices
 
 
 def clinical_agreement(rows):
@@ -718,6 +737,159 @@ def bland_altman_svg(pairs, agreement, title, unit):
                    line=False)]
     return svg_plot(series, f"mean of prediction and truth, {unit}", f"prediction - truth, {unit}",
                     f"{title}: r {a['r']:.3f}, bias {a['bias']:.2f} {unit}", hlines=lines)
+
+
+def bland_altman_svgs(rows, agreement):
+    """{index: bland_altman_svg} for LV EF, RV EF and LV EDV of clinical_rows, each with at least two pairs."""
+    figures = {}
+    for k in ("lv_ef", "rv_ef", "lv_edv"):
+        pairs = [(r[f"{k}_pred"], r[f"{k}_gt"]) for r in rows if not math.isnan(r[f"{k}_pred"] + r[f"{k}_gt"])]
+        if len(pairs) > 1:
+            figures[k] = bland_altman_svg(pairs, agreement[k], k.replace("_", " ").upper(), CLINICAL[k])
+    return figures
+
+
+def volume_curve_svg(frames, indices, name):
+    """A cine's LV and RV volumes against the frame (numbered from 1) with ED and ES marked: frames [{class: ml}] and
+    indices as cine_indices gives them."""
+    lv, rv = [m[3] for m in frames], [m[1] for m in frames]
+    t = list(range(1, len(frames) + 1))
+    series = [dict(name="LV", x=t, y=lv), dict(name="RV", x=t, y=rv),
+              dict(name="ED", x=[indices["ed"] + 1], y=[lv[indices["ed"]]], line=False),
+              dict(name="ES", x=[indices["es"] + 1], y=[lv[indices["es"]]], line=False)]
+    return svg_plot(series, "frame", "volume, ml",
+                    f"{name}: LV EF {indices['lv_ef']:.1f} %, RV EF {indices['rv_ef']:.1f} %")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables of results (ideal.py eval and report)
+# Table 1 of the paper (IDEAL, mean of 5 runs; the paper gives no units for ASD and HD).
+PAPER_TABLE1 = {
+    "acdc": {"1.25": (0.738, 0.677, 2.409), "2.5": (0.846, 0.614, 2.209), "10": (0.879, 0.556, 2.094),
+             "100": (0.882, 0.489, 1.999)},
+    "mmwhs": {"10": (0.626, 2.397, 5.001), "20": (0.791, 1.798, 3.499), "40": (0.815, 1.355, 2.221),
+              "100": (0.826, 1.317, 2.183)},
+}
+ROW_NAMES = {"ideal": "IDEAL (local+global pre-training, two decoders, Eq. 3)",
+             "pretrained-dice-ce": "IDEAL pre-training, supervised fine-tuning, CE + Dice (ideal without Eq. 3's "
+                                   "unlabeled term)",
+             "pretrained-supervised": "IDEAL pre-training, supervised fine-tuning, CE",
+             "supervised": "random init, supervised fine-tuning, CE",
+             "global": "global-only pre-training + IDEAL fine-tuning",
+             "local": "local-only pre-training + IDEAL fine-tuning",
+             "same-decoders": "IDEAL with two ConvTranspose decoders",
+             "paper-literal": "IDEAL, Eq. 3 as the paper writes it (one pass, same-view pseudo-labels, every pixel)"}
+METRIC_NAMES = dict(zip(METRICS, ("DSC", "ASD mm", "HD mm", "HD95 mm")))
+# Published agreement on the ACDC challenge's test set (Bernard et al., IEEE TMI 2018; another split than ours).
+ANCHORS = ("ACDC challenge, best methods: LV EF r 0.99 (bias within ±0.5, SD about 3 points), LV EDV r 0.997, "
+           "myocardial mass r 0.98-0.99; plain 2D U-Nets trained on ED and ES: LV EF r 0.94-0.97, RV EF r 0.86-0.90; "
+           "two human readers differ by 4.6-7.5 EF points (Bernard et al., IEEE TMI 2018, on the challenge's test "
+           "set).")
+CLINICAL_COLUMNS = ("lv_edv", "lv_esv", "lv_ef", "rv_edv", "rv_esv", "rv_ef", "myo_mass")
+
+
+def summary_table(summary, names):
+    """summarize's result as text: a row per class (names[class]) and the mean, mean ± std over volumes."""
+    lines = [f"{'class':12s} {'DSC':>15s} {'ASD mm':>15s} {'HD mm':>15s} {'HD95 mm':>15s}  NaNs left out"]
+    for key, row in summary.items():
+        if isinstance(row, dict) and "dsc" in row:
+            cells = [f"{row[m]['mean']:7.3f} ± {row[m]['std']:5.3f}" for m in METRICS]
+            name = "mean" if key == "mean" else names[int(key)]
+            n_nan = sum(row[m]["n_nan"] for m in row)
+            lines.append(f"{name:12s} " + " ".join(f"{c:>15s}" for c in cells) + f"  {n_nan}")
+    return "\n".join(lines)
+
+
+def table_cell(values):
+    """(mean, std, text) of one value per run; a single run's summary entry keeps its std over the volumes."""
+    if len(values) == 1 and isinstance(values[0], dict):
+        return values[0]["mean"], values[0]["std"], f"{values[0]['mean']:.3f} ± {values[0]['std']:.3f}"
+    means = np.array([v["mean"] if isinstance(v, dict) else v for v in values], dtype=float)
+    return float(means.mean()), float(means.std()), f"{means.mean():.3f} ± {means.std():.3f}"
+
+
+def per_run(record):
+    """One run of a report: seed, DSC (best-validation and final checkpoint, mean and per class), predicted / true
+    volume per class, and its validation curve's figures."""
+    classes = {k: v["dsc"]["mean"] for k, v in record.items() if k.isdigit() and isinstance(v, dict) and "dsc" in v}
+    return dict(seed=record["seed"], dsc=record["mean"]["dsc"]["mean"], final_dsc=record["final_dsc"],
+                dsc_per_class=classes, volume_ratio=record.get("volume_ratio"), validation=record["validation"])
+
+
+def results_table(table, paper, split, name):
+    """(markdown lines: figure NAME.svg, what the numbers are, the table; JSON results) of {row: {fraction: [run
+    records]}} on `split` (ideal.py report); paper: Table 1's (DSC, ASD, HD) by fraction beside "ideal", or None."""
+    columns = list(METRIC_NAMES.values()) + ["final DSC", "val best", "val spread", "runs"] + \
+        (["paper DSC / ASD / HD"] if paper else [])
+    scope = "Test set: mean ± std over test volumes" if split == "test" else \
+        f"The {split} split (`eval --split {split}`): mean ± std over its volumes"
+    lines = [f"![DSC against the labeled fraction]({name}.svg)", "",
+             f"{scope} of the per-volume mean over foreground classes for one run, mean ± std of the runs' means over "
+             "several (a seed is a whole pipeline: its own pre-trained encoder, labeled volumes and fine-tuning); "
+             "distances in mm on the native grid (metrics.py, medpy 0.5.2 convention). DSC: the checkpoint of best "
+             "validation Dice; final DSC: the last epoch's. val best: best validation Dice of a run; val spread: max - "
+             "min of its validation Dice over the last 10 epochs (means over runs).", "",
+             "| row | L % | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    results = []
+    for row, fractions in table.items():
+        for frac, runs in fractions.items():
+            cells = {m: table_cell([r["mean"][m] for r in runs]) for m in METRICS}
+            finals = [r["final_dsc"] for r in runs if r["final_dsc"] is not None]
+            cells["final_dsc"] = table_cell(finals) if len(finals) == len(runs) else (None, None, "")
+            cells.update({f"val_{k}": table_cell([r["validation"][k] for r in runs]) for k in ("best", "spread")})
+            texts = [c[2] for c in cells.values()][:len(METRIC_NAMES) + 1] + [
+                f"{cells[f'val_{k}'][0]:.3f}" for k in ("best", "spread")] + [str(len(runs))]
+            if paper:
+                texts.append(" / ".join(map(str, paper[frac])) if row == "ideal" and frac in paper else "")
+            lines.append(f"| {ROW_NAMES.get(row, row)} | {frac} | " + " | ".join(texts) + " |")
+            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
+                                **{m: {"mean": c[0], "std": c[1]} for m, c in cells.items()},
+                                per_run=[per_run(r) for r in runs]))
+    return lines, results
+
+
+def results_svg(results, split, title):
+    """DSC (mean ± std) against the labeled fraction, one series per row of results_table's results."""
+    rows = dict.fromkeys(r["row"] for r in results)
+    series = [dict(name=row, x=[r["labeled_percent"] for r in results if r["row"] == row],
+                   y=[r["dsc"]["mean"] for r in results if r["row"] == row],
+                   err=[r["dsc"]["std"] for r in results if r["row"] == row]) for row in rows]
+    return svg_plot(series, "labeled training volumes, %", f"{split} DSC", title, xlog=True)
+
+
+def clinical_results_table(table, name):
+    """(markdown lines: what the numbers are, the DSC table on ED and ES, the index table; JSON results; the pooled
+    clinical rows of the best LV EF r, drawn in NAME-bland-altman-*.svg) of {row: {fraction: [eval summaries with
+    their clinical.csv "rows"]}} (ideal.py report --clinical)."""
+    classes = [k for k in next(iter(next(iter(table.values())).values()))[0]["frames"]["ED"] if k.isdigit()]
+    dsc = [f"{f} {c}" for f in ("ED", "ES") for c in classes + ["mean"]]
+    lines = ["Test patients, ED and ES frames. DSC per class (1 RV, 2 MYO, 3 LV) on ED and on ES frames; each clinical "
+             "index as Pearson r / bias (prediction - truth; ml, %, g), for EF with the 95 % limits of agreement; "
+             "mean ± std over seeds (pipelines). " + ANCHORS, "",
+             "| row | L % | " + " | ".join(dsc) + " | runs |", "|---|---|" + "---|" * (len(dsc) + 1)]
+    index_lines = ["", "| row | L % | " + " | ".join(CLINICAL_COLUMNS) + " |",
+                   "|---|---|" + "---|" * len(CLINICAL_COLUMNS)]
+    results, best = [], None
+    for row, fractions in table.items():
+        for frac, runs in fractions.items():
+            cells = {f"{f} {c}": table_cell([r["frames"][f][c]["dsc"] for r in runs])
+                     for f in ("ED", "ES") for c in classes + ["mean"]}
+            agree = {k: {m: table_cell([r["clinical"][k][m] for r in runs])
+                         for m in ("r", "bias", "loa_low", "loa_high")} for k in CLINICAL_COLUMNS}
+            lines.append(f"| {row} | {frac} | " + " | ".join(c[2] for c in cells.values()) + f" | {len(runs)} |")
+            index_lines.append(f"| {row} | {frac} | " + " | ".join(
+                f"{a['r'][0]:.3f} / {a['bias'][0]:+.1f}" + (f" [{a['loa_low'][0]:.0f}, {a['loa_high'][0]:.0f}]"
+                                                            if k.endswith("_ef") else "")
+                for k, a in agree.items()) + " |")
+            results.append(dict(row=row, labeled_percent=float(frac), runs=len(runs),
+                                **{k: {"mean": c[0], "std": c[1]} for k, c in cells.items()},
+                                clinical={k: {m: {"mean": c[0], "std": c[1]} for m, c in a.items()}
+                                          for k, a in agree.items()}))
+            if best is None or agree["lv_ef"]["r"][0] > best[0]:
+                best = (agree["lv_ef"]["r"][0], row, frac, [x for r in runs for x in r["rows"]])
+    lines += index_lines + ["", f"Bland-Altman plots of the row of best LV EF r ({best[1]} at {best[2]} %, every "
+                            f"seed's patients): `{name}-bland-altman-{{lv_ef,rv_ef,lv_edv}}.svg`."]
+    return lines, results, [{k: float(v) for k, v in r.items() if k != "case"} for r in best[3]]
 
 
 # ---------------------------------------------------------------------------------------------

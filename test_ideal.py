@@ -1420,7 +1420,7 @@ def test_validation_curve_of_a_log(tmp_path):
     dice = [0.1 * k for k in range(12)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps({"val_dice": d, "val_dice_running": 0.5}) + "\n"
                                                 for d in dice))
-    assert ideal.validation_curve(tmp_path) == pytest.approx(dict(best=1.1, spread=0.9, last10=0.65))
+    assert data.validation_curve(tmp_path) == pytest.approx(dict(best=1.1, spread=0.9, last10=0.65))
 
 
 def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
