@@ -805,7 +805,8 @@ def table_cell(values):
     if len(values) == 1 and isinstance(values[0], dict):
         return values[0]["mean"], values[0]["std"], f"{values[0]['mean']:.3f} ± {values[0]['std']:.3f}"
     means = np.array([v["mean"] if isinstance(v, dict) else v for v in values], dtype=float)
-    return float(means.mean()), float(means.std()), f"{means.mean():.3f} ± {means.std():.3f}"
+    text = f"{means.mean():.3f}" + (f" ± {means.std():.3f}" if len(means) > 1 else "")
+    return float(means.mean()), float(means.std()), text
 
 
 def per_run(record):
@@ -817,18 +818,17 @@ def per_run(record):
 
 
 def results_table(table, paper, split, name):
-    """(markdown lines: figure NAME.svg, what the numbers are, the table; JSON results) of {row: {fraction: [run
-    records]}} on `split` (ideal.py report); paper: Table 1's (DSC, ASD, HD) by fraction beside "ideal", or None."""
+    """(markdown lines: what the numbers are and the table, whose figure is NAME.svg; JSON results) of {row:
+    {fraction: [run records]}} on `split` (ideal.py report); paper: Table 1's (DSC, ASD, HD) beside "ideal", or None."""
     columns = list(METRIC_NAMES.values()) + ["final DSC", "val best", "val spread", "runs"] + \
         (["paper DSC / ASD / HD"] if paper else [])
     scope = "Test set: mean ± std over test volumes" if split == "test" else \
         f"The {split} split (`eval --split {split}`): mean ± std over its volumes"
-    lines = [f"![DSC against the labeled fraction]({name}.svg)", "",
-             f"{scope} of the per-volume mean over foreground classes for one run, mean ± std of the runs' means over "
+    lines = [f"{scope} of the per-volume mean over foreground classes for one run, mean ± std of the runs' means over "
              "several (a seed is a whole pipeline: its own pre-trained encoder, labeled volumes and fine-tuning); "
              "distances in mm on the native grid (metrics.py, medpy 0.5.2 convention). DSC: the checkpoint of best "
              "validation Dice; final DSC: the last epoch's. val best: best validation Dice of a run; val spread: max - "
-             "min of its validation Dice over the last 10 epochs (means over runs).", "",
+             f"min of its validation Dice over the last 10 epochs (means over runs). Figure: {name}.svg.", "",
              "| row | L % | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     results = []
     for row, fractions in table.items():
