@@ -1167,7 +1167,8 @@ def walk_nifti(folder, out):
     files, seen = [], {os.path.realpath(out)}
     for root, dirs, names in os.walk(folder, followlinks=True):
         seen.add(os.path.realpath(root))
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
+        dirs[:] = sorted(d for d in dirs
+                         if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
         files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and nifti_name(n)]
     return files
 

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 # THE METHOD: from the imports above down to "END OF THE METHOD", this block uses nothing but PyTorch and runs
 # when pasted alone into another file (tested). Everything below it is the program around it.
 # ==========================================================================================================
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Processes: Eq. 1 and Eq. 2 take negatives from every torchrun process (in one process these are no-ops)
 # ----------------------------------------------------------------------------------------------------------
@@ -1506,8 +1508,8 @@ def add_eval_options(p):
                    help="the run's test|val|train volumes (split.json, ACDC by patient) into RUN/eval-SPLIT, or all "
                    "labeled ones of --data into RUN/eval-<folder>-all; -FRAMES for other --frames, -final for final.pt")
     p.add_argument("--predict", choices=("mean", "d1", "d2"), help="decoders' prediction (default: the run's)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "final"),
-                   help="best.pt (best validation Dice) or final.pt (the last epoch's)")
+    p.add_argument("--checkpoint", default=["best"], nargs="+", choices=("best", "final"),
+                   help="best.pt (best validation Dice) and/or final.pt (the last epoch's), each into its own folder")
     p.add_argument("--out", type=text, help="results folder (default: RUN/eval-SPLIT..., see --split)")
     p.add_argument("--save-pred", action="store_true", help="write eval-SPLIT/pred/ID.nii.gz")
     p.add_argument("--save-png", action="store_true", help="write eval-SPLIT/png/ID.png overlays")
@@ -1585,6 +1587,8 @@ def resolve(args, parser):
     cfg = vars(args).copy()
     if "device" in cfg:
         cfg["device"] = check_device(cfg["device"], parser)
+    if cfg.get("out") and len(set(cfg.get("checkpoint", ()))) > 1:
+        parser.error("argument --out: one results folder holds one --checkpoint's evaluation")
     if "preset" not in cfg:                          # eval and predict take theirs from the run
         return cfg
     cfg["preset"] = cfg["preset"] or ("paper" if cfg["device"].startswith("cuda") else "cpu")
@@ -1636,7 +1640,9 @@ def main(argv=None):
                 {"pretrain": pretrain, "finetune": finetune}[args.command](cfg, given_options(argv))
             leave_distributed()
         else:
-            {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command](cfg)
+            command = {"eval": evaluate_run, "predict": predict_run, "bench": bench, "report": report}[args.command]
+            for checkpoint in dict.fromkeys(cfg.get("checkpoint", [None])):     # eval: each checkpoint in turn
+                command(dict(cfg, checkpoint=checkpoint) if checkpoint else cfg)
     except (data.DataError, CheckpointError, FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError) as e:
         if int(os.environ.get("RANK", "0")) == 0:       # one line, from rank 0 only
             print(f"ideal.py {args.command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)

@@ -144,8 +144,10 @@ cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test spli
   local -x OMP_NUM_THREADS=$JOB_THREADS
   shift
   train finetune "$dir" "$@"
-  [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --save-png
-  [ -f "$dir/eval-test-final/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --checkpoint final
+  local todo=()
+  [ -f "$dir/eval-test/summary.json" ] || todo+=(best)
+  [ -f "$dir/eval-test-final/summary.json" ] || todo+=(final)
+  ((${#todo[@]} == 0)) || say "$PY" ideal.py eval --run "$dir" --quiet --save-png --checkpoint "${todo[@]}"
 }
 
 for row in $ROWS; do

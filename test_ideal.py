@@ -1253,7 +1253,7 @@ def test_pretrain_cli_writes_a_complete_run_folder(pretrained):
     assert not set(split["test"]) & set(split["train"] + split["val"])
 
 
-def test_killed_pretraining_resumes_to_the_same_weights(phantom, pretrained, tmp_path):
+def test_killed_pretraining_resumes_to_the_same_weights(phantom, pretrained, tmp_path, capsys):
     """SIGKILL once epoch 1 is logged, then --resume: the same weights as the uninterrupted 2-epoch run."""
     out = tmp_path / "killed"
     args = ["pretrain", "--data", phantom, "--out", out, "--epochs", "2", *TINY]
@@ -1264,24 +1264,24 @@ def test_killed_pretraining_resumes_to_the_same_weights(phantom, pretrained, tmp
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    rc, _, err = run_cli("ideal.py", "pretrain", "--out", out, "--resume", *TINY)
+    rc, _, err = run_main(capsys, "pretrain", "--out", out, "--resume", *TINY)
     assert rc == 0, err
     a, b = weights(pretrained / "last.pt"), weights(out / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_extends_a_finished_run(phantom, pretrained, tmp_path):
+def test_resume_extends_a_finished_run(phantom, pretrained, tmp_path, capsys):
     out = tmp_path / "short"
-    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", out, "--epochs", "1", *TINY)
+    rc, _, err = run_main(capsys, "pretrain", "--data", phantom, "--out", out, "--epochs", "1", *TINY)
     assert rc == 0, err
-    rc, _, err = run_cli("ideal.py", "pretrain", "--out", out, "--resume", "--epochs", "2", *TINY)
+    rc, _, err = run_main(capsys, "pretrain", "--out", out, "--resume", "--epochs", "2", *TINY)
     assert rc == 0, err
     a, b = weights(pretrained / "last.pt"), weights(out / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_same_seed_same_numbers(phantom, pretrained, tmp_path):
-    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", tmp_path / "again", "--epochs", "2", *TINY)
+def test_same_seed_same_numbers(phantom, pretrained, tmp_path, capsys):
+    rc, _, err = run_main(capsys, "pretrain", "--data", phantom, "--out", tmp_path / "again", "--epochs", "2", *TINY)
     assert rc == 0, err
     assert (pretrained / "log.jsonl").read_text().split("images_per_s")[0] == \
         (tmp_path / "again" / "log.jsonl").read_text().split("images_per_s")[0]
@@ -1306,19 +1306,6 @@ def test_recomputed_bn_holds_the_mean_of_the_batch_statistics_and_puts_the_runni
     assert bn.momentum == 0.1 and all(torch.equal(v, before[k]) for k, v in bn.named_buffers())
 
 
-def test_best_pt_holds_recomputed_statistics_and_the_trained_weights(phantom, pretrained, tmp_path):
-    """The judged network (best.pt) is the trained one with BatchNorm statistics recomputed on the training slices;
-    the Dice under the running statistics is logged beside it as val_dice_running."""
-    args = ["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"), "--labeled", "20",
-            "--epochs", "1", "--steps-per-epoch", "3", "--out", str(tmp_path / "one"), *TINY]
-    assert ideal.main(args) == 0
-    best, last = weights(tmp_path / "one" / "best.pt"), weights(tmp_path / "one" / "last.pt")
-    stats = [k for k in best if k.endswith(("running_mean", "running_var"))]
-    assert stats and all(torch.equal(best[k], last[k]) for k in best if k not in stats and "num_batches" not in k)
-    assert all(not torch.equal(best[k], last[k]) for k in stats)
-    assert 0 <= json.loads((tmp_path / "one" / "log.jsonl").read_text())["val_dice_running"] <= 1
-
-
 def test_foreground_dice_by_hand():
     y = torch.tensor([[0, 1, 1, 2], [3, 3, 0, 0]])
     m = torch.tensor([[0, 1, 2, 2], [3, 0, 0, 0]])
@@ -1338,7 +1325,8 @@ def test_pseudo_label_quality_scores_the_validation_slices_and_leaves_training_a
     rng = torch.get_rng_state()
     cfg = {"batch_size": 4, "num_classes": 4, "threshold": 0.0}
     everything = ideal.pseudo_label_quality(model, x, m, cfg, torch.Generator().manual_seed(1))
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
     assert everything["pl_kept"] == 1.0 and everything["pl_dice_kept"] == everything["pl_dice"]
     assert 0 <= everything["pl_dice"] <= 1 and 0 <= everything["pl_disagree"] <= 1 and everything["pl_fg_ratio"] > 0
     sure = ideal.pseudo_label_quality(model, x, m, dict(cfg, threshold=0.99), torch.Generator().manual_seed(1))
@@ -1346,33 +1334,40 @@ def test_pseudo_label_quality_scores_the_validation_slices_and_leaves_training_a
     assert sure["pl_disagree"] == everything["pl_disagree"] and sure["pl_dice"] == everything["pl_dice"]
 
 
-def test_finetune_logs_pseudo_label_quality_and_keeps_the_final_epoch(phantom, pretrained, tmp_path):
-    """log.jsonl holds the pseudo-label diagnostics every epoch; final.pt is the last epoch's judged network, which
-    eval --checkpoint final scores into eval-test-final."""
+def test_finetune_logs_pseudo_label_quality_and_keeps_best_and_final_judged_networks(phantom, pretrained, tmp_path,
+                                                                                     capsys):
+    """log.jsonl holds the pseudo-label diagnostics every epoch; best.pt and final.pt are the trained network with
+    BatchNorm statistics recomputed on the training slices (the Dice under the running ones logged beside it), and
+    eval --checkpoint best final scores both, each into its own folder."""
     out = tmp_path / "run"
     assert ideal.main(["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"),
                        "--labeled", "20", "--epochs", "2", "--steps-per-epoch", "3", "--out", str(out), *TINY]) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     for record in log:
         assert {"pl_dice", "pl_dice_kept", "pl_kept", "pl_fg_ratio", "pl_disagree", "kept"} <= set(record)
-        assert 0 <= record["kept"] <= 1 and 0 <= record["pl_kept"] <= 1
+        assert 0 <= record["kept"] <= 1 and 0 <= record["pl_kept"] <= 1 and 0 <= record["val_dice_running"] <= 1
     final = torch.load(out / "final.pt", map_location="cpu", weights_only=True)
     last = weights(out / "last.pt")
     assert final["epoch"] == 2 and final["val_dice"] == pytest.approx(log[-1]["val_dice"], abs=1e-4)
-    assert all(torch.equal(final["model"][k], last[k]) for k in last if "running" not in k and "num_batches" not in k)
-    assert ideal.main(["eval", "--run", str(out), "--checkpoint", "final", "--quiet"]) == 0
-    assert json.loads((out / "eval-test-final" / "summary.json").read_text())["volumes"] == 4
-    assert not (out / "eval-test").exists()
+    stats = [k for k in last if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(final["model"][k], last[k]) for k in last if k not in stats and "num_b" not in k)
+    assert all(not torch.equal(final["model"][k], last[k]) for k in stats)
+    assert_one_error_line(run_main(capsys, "eval", "--run", out, "--checkpoint", "best", "final", "--out",
+                                   tmp_path / "one"), "--out", "--checkpoint")
+    assert ideal.main(["eval", "--run", str(out), "--checkpoint", "best", "final", "--quiet"]) == 0
+    for folder in ("eval-test", "eval-test-final"):
+        assert json.loads((out / folder / "summary.json").read_text())["volumes"] == 4
 
 
-def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
+def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path, capsys):
     out = tmp_path / "runs" / "ideal" / "L20" / "seed0"
-    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--pretrained",
-                         pretrained / "encoder.pt", "--labeled", "20", "--epochs", "2", "--steps-per-epoch", "3", *TINY)
+    rc, _, err = run_main(capsys, "finetune", "--data", phantom, "--out", out, "--pretrained",
+                          pretrained / "encoder.pt", "--labeled", "20", "--epochs", "2", "--steps-per-epoch", "3",
+                          *TINY)
     assert rc == 0, err
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and 0 <= log[-1]["val_dice"] <= 1 and (out / "best.pt").is_file()
-    rc, stdout, err = run_cli("ideal.py", "eval", "--run", out, "--save-pred", "--save-png", "--quiet")
+    rc, stdout, err = run_main(capsys, "eval", "--run", out, "--save-pred", "--save-png", "--quiet")
     assert rc == 0, err
     ev = out / "eval-test"
     summary = json.loads((ev / "summary.json").read_text())
@@ -1389,8 +1384,8 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
             pred = nib.load(ev / "pred" / f"{vol.id}.nii.gz")
             assert pred.shape == vol.image.shape and np.allclose(pred.affine, vol.affine)
             assert (ev / "png" / f"{vol.id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rc, stdout, err = run_cli("ideal.py", "report", "--runs", tmp_path / "runs", "--out", tmp_path / "table",
-                              "--made-by", "pytest", "--commit", "abc")
+    rc, stdout, err = run_main(capsys, "report", "--runs", tmp_path / "runs", "--out", tmp_path / "table",
+                               "--made-by", "pytest", "--commit", "abc")
     assert rc == 0, err
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["made_by"] == "pytest" and len(table["results"]) == 1
@@ -1405,10 +1400,10 @@ def test_finetune_eval_and_report_cli(phantom, pretrained, tmp_path):
         best=max(r["val_dice"] for r in log), spread=abs(log[0]["val_dice"] - log[1]["val_dice"]),
         last10=pytest.approx((log[0]["val_dice"] + log[1]["val_dice"]) / 2))
     assert "| IDEAL" in (tmp_path / "table.md").read_text() and "| 20 |" in stdout
-    rc, _, err = run_cli("ideal.py", "eval", "--run", out, "--split", "val", "--quiet")
+    rc, _, err = run_main(capsys, "eval", "--run", out, "--split", "val", "--quiet")
     assert rc == 0, err
-    rc, stdout, err = run_cli("ideal.py", "report", "--runs", tmp_path / "runs", "--out", tmp_path / "val",
-                              "--split", "val")
+    rc, stdout, err = run_main(capsys, "report", "--runs", tmp_path / "runs", "--out", tmp_path / "val",
+                               "--split", "val")
     assert rc == 0, err
     val = json.loads((out / "eval-val" / "summary.json").read_text())
     table = json.loads((tmp_path / "val.json").read_text())
@@ -1423,17 +1418,17 @@ def test_validation_curve_of_a_log(tmp_path):
     assert data.validation_curve(tmp_path) == pytest.approx(dict(best=1.1, spread=0.9, last10=0.65))
 
 
-def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path):
-    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "sup", "--pretrained", "none",
-                         "--unlabeled-weight", "0", "--same-decoders", "--epochs", "1",
-                         "--steps-per-epoch", "2", *TINY)
+def test_supervised_ablation_runs_without_pretraining(phantom, tmp_path, capsys):
+    rc, _, err = run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "sup", "--pretrained", "none",
+                          "--unlabeled-weight", "0", "--same-decoders", "--epochs", "1",
+                          "--steps-per-epoch", "2", *TINY)
     assert rc == 0, err
     log = json.loads((tmp_path / "sup" / "log.jsonl").read_text())
     assert log["unsup"] == 0.0
 
 
-def test_bench_cli_prints_ratios():
-    rc, stdout, err = run_cli("ideal.py", "bench", "--steps", "1", *TINY[:2], *TINY[4:-1])
+def test_bench_cli_prints_ratios(capsys):
+    rc, stdout, err = run_main(capsys, "bench", "--steps", "1", *TINY[:2], *TINY[4:-1])
     assert rc == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["pretrain"]["ratio"] > 0 and result["finetune"]["ratio"] > 0
@@ -1461,14 +1456,19 @@ def run_sh(tmp_path, **env):
     return p.returncode, p.stdout, p.stderr
 
 
-def test_run_sh_jobs_side_by_side_give_the_sequential_numbers(phantom, tmp_path):
-    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", JOBS="2", OUT=str(tmp_path / "par"))
+def test_run_sh_jobs_side_by_side_share_the_cores_and_give_the_sequential_numbers(phantom, tmp_path):
+    """JOBS=2: each fine-tuning gets cores / 2 threads unless OMP_NUM_THREADS says otherwise, logs to its own file, and
+    the numbers are those of the same runs one after the other (with as many threads each)."""
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    loud = " ".join([f for f in TINY if f != "--quiet"] + ["--epochs", "1", "--steps-per-epoch", "2"])
+    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", JOBS="2", OUT=str(tmp_path / "par"),
+                        OMP_NUM_THREADS=None, FINETUNE_FLAGS=loud)
     assert rc == 0, err
-    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", OUT=str(tmp_path / "seq"))
+    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", OUT=str(tmp_path / "seq"), OMP_NUM_THREADS=str(share))
     assert rc == 0, err
     for seed in ("seed0", "seed1"):
         par, seq = (tmp_path / kind / "supervised" / "L20" / seed for kind in ("par", "seq"))
-        assert "ideal.py finetune --out" in (par.parent / f"{seed}.log").read_text()
+        assert f"on cpu ({share} threads)" in (par.parent / f"{seed}.log").read_text()
         assert not (seq.parent / f"{seed}.log").exists()
         curves = [[{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
                    for line in (run / "log.jsonl").read_text().splitlines()] for run in (par, seq)]
@@ -1477,19 +1477,9 @@ def test_run_sh_jobs_side_by_side_give_the_sequential_numbers(phantom, tmp_path)
         assert scores[0] == scores[1]
     table = json.loads((tmp_path / "par" / "tables" / "acdc-demo.json").read_text())
     assert [len(row["per_run"]) for row in table["results"]] == [2]
-    assert not (tmp_path / "results").exists()                     # without PUBLISH=1 nothing outside runs/
-
-
-def test_run_sh_gives_each_job_its_share_of_the_cores(phantom, tmp_path):
-    loud = " ".join([f for f in TINY if f != "--quiet"] + ["--epochs", "1", "--steps-per-epoch", "2"])
-    rc, _, err = run_sh(tmp_path, DATA=str(phantom), SEEDS="2", JOBS="2", OUT=str(tmp_path / "runs"),
-                        OMP_NUM_THREADS=None, FINETUNE_FLAGS=loud)
-    assert rc == 0, err
-    share = max(1, len(os.sched_getaffinity(0)) // 2)
-    for seed in ("seed0", "seed1"):
-        assert f"on cpu ({share} threads)" in (tmp_path / "runs" / "supervised" / "L20" / f"{seed}.log").read_text()
-    wall = (tmp_path / "runs" / "tables" / "acdc-demo.md").read_text().splitlines()[-1]
+    wall = (tmp_path / "par" / "tables" / "acdc-demo.md").read_text().splitlines()[-1]
     assert wall.endswith(f"(2 fine-tunings side by side, {share} thread(s) each)")
+    assert not (tmp_path / "results").exists()                     # without PUBLISH=1 nothing outside runs/
 
 
 def test_run_sh_stops_when_a_job_fails(phantom, tmp_path):
@@ -1535,27 +1525,27 @@ def test_run_sh_bad_settings_exit_2(env, words, phantom, tmp_path):
     (["eval", "--run", "x", "--lr", "0.1"], ["unrecognized", "--lr"]),
     (["eval", "--run", "x", "--preset", "cpu"], ["unrecognized", "--preset"]),
 ])
-def test_bad_options(args, words, tmp_path):
-    rc, _, err = run_cli("ideal.py", *args, cwd=tmp_path)
-    assert_one_error_line((rc, "", err), *words)
+def test_bad_options(args, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_error_line(run_main(capsys, *args), *words)
     assert not (tmp_path / "x").exists()
 
 
-def test_missing_data_folder_writes_nothing(tmp_path):
-    rc, _, err = run_cli("ideal.py", "pretrain", "--data", tmp_path / "nowhere", "--out", tmp_path / "run", *TINY)
-    assert_one_error_line((rc, "", err), "nowhere")
+def test_missing_data_folder_writes_nothing(tmp_path, capsys):
+    assert_one_error_line(run_main(capsys, "pretrain", "--data", tmp_path / "nowhere", "--out", tmp_path / "run",
+                                   *TINY), "nowhere")
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_is_not_overwritten(phantom, pretrained):
+def test_existing_run_is_not_overwritten(phantom, pretrained, capsys):
     before = (pretrained / "last.pt").read_bytes()
-    rc, _, err = run_cli("ideal.py", "pretrain", "--data", phantom, "--out", pretrained, "--epochs", "1", *TINY)
-    assert_one_error_line((rc, "", err), "--resume")
+    assert_one_error_line(run_main(capsys, "pretrain", "--data", phantom, "--out", pretrained, "--epochs", "1", *TINY),
+                          "--resume")
     assert (pretrained / "last.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("kind", ["garbage", "pickled_code", "other_arch"])
-def test_bad_pretrained_checkpoints(kind, phantom, pretrained, tmp_path):
+def test_bad_pretrained_checkpoints(kind, phantom, pretrained, tmp_path, capsys):
     path = tmp_path / "encoder.pt"
     if kind == "garbage":
         path.write_bytes(b"this is not a checkpoint")
@@ -1564,23 +1554,23 @@ def test_bad_pretrained_checkpoints(kind, phantom, pretrained, tmp_path):
     else:
         path.write_bytes((pretrained / "encoder.pt").read_bytes())
     extra = ["--width", "16"] if kind == "other_arch" else []
-    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained", path,
-                         *TINY, *extra)
+    rc, _, err = run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained", path,
+                          *TINY, *extra)
     assert_one_error_line((rc, "", err), str(path))
     assert not (tmp_path / "run").exists()
     if kind == "other_arch":
         assert "width=8 (this run: 16)" in err
 
 
-def test_non_finite_loss_stops_and_the_same_command_starts_again(phantom, tmp_path):
+def test_non_finite_loss_stops_and_the_same_command_starts_again(phantom, tmp_path, capsys):
     """A run that dies before its first checkpoint holds nothing to lose: the same command starts it again."""
     out = tmp_path / "nan"
     args = ["pretrain", "--data", phantom, "--out", out, "--epochs", "1", *TINY]
-    rc, _, err = run_cli("ideal.py", *args, "--lr", "1e30", "--tau", "1e-30")
+    rc, _, err = run_main(capsys, *args, "--lr", "1e30", "--tau", "1e-30")
     assert rc == 1 and "non-finite loss in epoch 1" in err and "Traceback" not in err, err
     assert "no checkpoint was written" in err and not (out / "last.pt").exists()
     for extra in ([], ["--resume"]):
-        rc, _, err = run_cli("ideal.py", *args, *extra)
+        rc, _, err = run_main(capsys, *args, *extra)
         assert rc == 0 and (out / "done.json").is_file(), err
         (out / "done.json").unlink(), (out / "last.pt").unlink()
 
@@ -1591,7 +1581,8 @@ def test_every_default_is_written_once_and_the_baselines_pin_labeled_ce():
     args = vars(ideal.build_parser().parse_args(["finetune", "--data", "d", "--out", "o"]))
     assert {k: args[k] for k in ideal.DEFAULTS if k in args and k != "labeled"} == {
         k: v for k, v in ideal.DEFAULTS.items() if k in args and k != "labeled"}
-    rows = dict(re.findall(r"^    ([a-z|\- ]+)\) enc=\w*; init=\((.*?)\) ;;", (HERE / "run.sh").read_text(), re.M | re.S))
+    pattern = r"^    ([a-z|\- ]+)\) enc=\w*; init=\((.*?)\) ;;"
+    rows = dict(re.findall(pattern, (HERE / "run.sh").read_text(), re.M | re.S))
     assert "--sup-loss ce" in rows["supervised"] and "--sup-loss ce" in rows["pretrained-supervised"]
     for row, flags in rows.items():
         pinned = dict(re.findall(r"--([a-z-]+) (\S+)", flags))
@@ -1679,8 +1670,8 @@ def test_resume_refuses_fewer_epochs_and_changed_options(pretrained, tmp_path, c
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
 
 
-def test_a_run_made_before_the_retired_options_names_the_commit_that_resumes_it(phantom, pretrained, tmp_path,
-                                                                                   monkeypatch, capsys):
+def test_a_run_made_before_the_retired_options_names_the_commit_that_resumes_it(
+        phantom, pretrained, tmp_path, monkeypatch, capsys):
     """A fine-tuning whose stored options include one retired since (or lack one added since) is refused in one line
     naming the commit that can still resume it; nothing in its folder changes."""
     out = tmp_path / "old"
@@ -1833,7 +1824,8 @@ def test_malformed_pretrained_checkpoints(kind, phantom, tmp_path, capsys):
 def test_a_deeply_nested_split_file_is_one_line(phantom, tmp_path, capsys):
     split = tmp_path / "split.json"
     split.write_text("[" * 100000 + "]" * 100000)
-    assert_one_error_line(run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained", "none",
+    assert_one_error_line(run_main(capsys, "finetune", "--data", phantom, "--out", tmp_path / "run", "--pretrained",
+                                   "none",
                                    "--split-file", split, *TINY), str(split))
 
 
@@ -2357,10 +2349,16 @@ def test_write_cine_beats_and_reports_its_true_volumes(tmp_path):
 def tuned(phantom, tmp_path_factory):
     """One tiny fine-tuned run (supervised, 1 epoch of 2 steps) on the phantom: enough to segment with."""
     out = tmp_path_factory.mktemp("tuned") / "run"
-    rc, _, err = run_cli("ideal.py", "finetune", "--data", phantom, "--out", out, "--pretrained", "none", "--labeled", "20",
-                         "--unlabeled-weight", "0", "--epochs", "1", "--steps-per-epoch", "2", *TINY)
-    assert rc == 0, err
+    assert ideal.main(["finetune", "--data", str(phantom), "--out", str(out), "--pretrained", "none", "--labeled", "20",
+                       "--unlabeled-weight", "0", "--epochs", "1", "--steps-per-epoch", "2", *TINY]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def tuned_both(tuned):
+    """tuned's evaluation on the ED and ES frames of its test patients (RUN/eval-test-both)."""
+    assert ideal.main(["eval", "--run", str(tuned), "--frames", "both", "--quiet"]) == 0
+    return tuned / "eval-test-both"
 
 
 def csv_rows(path):
@@ -2371,8 +2369,12 @@ def csv_rows(path):
 
 
 def run_main(capsys, *args):
-    """ideal.main in this process (no interpreter start-up): (returncode, stdout, stderr)."""
-    rc = ideal.main([str(a) for a in args])
+    """ideal.main in this process (no interpreter start-up): (returncode, stdout, stderr); an option error's exit
+    is its return code."""
+    try:
+        rc = ideal.main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -2393,11 +2395,11 @@ def scans(root):
             (("odd", "odd.nii"), ("cine", "sub/cine.nii.gz"), ("frame2", "frame2.nii.gz"))}
 
 
-def test_predict_keeps_shape_affine_and_header_and_skips_finished_outputs(tuned, tmp_path):
+def test_predict_keeps_shape_affine_and_header_and_skips_finished_outputs(tuned, tmp_path, capsys):
     (tmp_path / "in" / "sub").mkdir(parents=True)
     inputs, out = scans(tmp_path / "in"), tmp_path / "pred"
-    rc, _, err = run_cli("ideal.py", "predict", "--run", tuned, "--input", tmp_path / "in", "--out", out,
-                         "--probabilities", "--save-png")
+    rc, _, err = run_main(capsys, "predict", "--run", tuned, "--input", tmp_path / "in", "--out", out,
+                          "--probabilities", "--save-png")
     assert rc == 0, err
     assert all(f"{name} " in err and "network" in err for name in inputs), err     # a progress line per volume
     for name, img in inputs.items():
@@ -2415,8 +2417,8 @@ def test_predict_keeps_shape_affine_and_header_and_skips_finished_outputs(tuned,
     cine, frame2 = (np.asarray(nib.load(out / f"{n}.nii.gz").dataobj) for n in ("cine", "frame2"))
     np.testing.assert_array_equal(cine[..., 2], frame2)                   # a 4D input: frame by frame
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    rc, _, err = run_cli("ideal.py", "predict", "--run", tuned, "--input", tmp_path / "in", "--out", out,
-                         "--probabilities", "--save-png")
+    rc, _, err = run_main(capsys, "predict", "--run", tuned, "--input", tmp_path / "in", "--out", out,
+                          "--probabilities", "--save-png")
     assert rc == 0 and "3 of 3 inputs already have their outputs" in err, err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -2450,15 +2452,15 @@ def heart(shape, lv, rv, myo):
 UNSEEN = {"patient201": ((10, 4, 2), (3, 2, 3)), "patient202": ((8, 5, 4), (4, 0, 4))}
 
 
-def test_eval_all_on_unseen_acdc_patients_gives_hand_computed_volumes_and_ef(tuned, tmp_path):
+def test_eval_all_on_unseen_acdc_patients_gives_hand_computed_volumes_and_ef(tuned, tmp_path, capsys):
     root = tmp_path / "other"
     for pid, phases in UNSEEN.items():
         for number, rows in zip((1, 2), phases):
             nii(root / pid / f"{pid}_frame{number:02d}.nii.gz", noise((40, 40, 3), number), (1.5, 1.25, 8.0))
             nii(root / pid / f"{pid}_frame{number:02d}_gt.nii.gz", heart((40, 40, 3), *rows), (1.5, 1.25, 8.0))
         (root / pid / "Info.cfg").write_text("ED: 1\nES: 2\nGroup: NOR\n")
-    rc, stdout, err = run_cli("ideal.py", "eval", "--run", tuned, "--data", root, "--split", "all", "--frames", "both",
-                              "--quiet")
+    rc, stdout, err = run_main(capsys, "eval", "--run", tuned, "--data", root, "--split", "all", "--frames", "both",
+                               "--quiet")
     assert rc == 0, err
     ev = tuned / "eval-other-all-both"                             # --frames both is not the run's
     rows = {(r["id"], int(r["label"])): r for r in csv_rows(ev / "metrics.csv")}
@@ -2499,9 +2501,7 @@ def test_eval_all_on_own_layout_needs_the_label_map(tuned, tmp_path, capsys):
     assert not (tuned / "eval-mine-all" / "clinical.csv").exists()
 
 
-def test_eval_test_split_with_both_frames_scores_ed_and_es_of_the_test_patients(tuned, capsys):
-    rc, _, err = run_main(capsys, "eval", "--run", tuned, "--frames", "both", "--quiet")
-    assert rc == 0, err
+def test_eval_test_split_with_both_frames_scores_ed_and_es_of_the_test_patients(tuned, tuned_both):
     test = json.loads((tuned / "split.json").read_text())["test"]
     ids = {r["id"] for r in csv_rows(tuned / "eval-test-both" / "metrics.csv")}
     assert ids == {f"{p}_{phase}" for p in test for phase in ("ED", "ES")} and len(test) == 4
@@ -2599,7 +2599,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused(phantom, pretrained, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_predict_segments_a_symlink_and_its_target_and_follows_symlinked_folders(tuned, tmp_path):
+def test_predict_segments_a_symlink_and_its_target_and_follows_symlinked_folders(tuned, tmp_path, capsys):
     (tmp_path / "real").mkdir()
     nii(tmp_path / "real" / "a.nii.gz", noise((40, 40, 3)))
     (tmp_path / "in").mkdir()
@@ -2607,14 +2607,14 @@ def test_predict_segments_a_symlink_and_its_target_and_follows_symlinked_folders
     (tmp_path / "in" / "b_link.nii.gz").symlink_to(tmp_path / "in" / "b.nii.gz")
     (tmp_path / "in" / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
     (tmp_path / "real" / "loop").symlink_to(tmp_path / "in", target_is_directory=True)     # a cycle
-    rc, _, err = run_cli("ideal.py", "predict", "--run", tuned, "--input", tmp_path / "in", "--out", tmp_path / "out")
+    rc, _, err = run_main(capsys, "predict", "--run", tuned, "--input", tmp_path / "in", "--out", tmp_path / "out")
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz", "b_link.nii.gz"]
 
 
 def test_sync_bn_without_cuda_is_one_line_before_anything_is_written(phantom, tmp_path, capsys):
-    assert_one_error_line(run_cli("ideal.py", "pretrain", "--data", phantom, "--out", tmp_path / "run", "--device",
-                                  "cpu", "--sync-bn", *TINY), "--sync-bn", "CUDA")
+    assert_one_error_line(run_main(capsys, "pretrain", "--data", phantom, "--out", tmp_path / "run", "--device",
+                                   "cpu", "--sync-bn", *TINY), "--sync-bn", "CUDA")
     assert not (tmp_path / "run").exists()
 
 
@@ -2762,10 +2762,10 @@ def test_svg_plot_places_each_point_by_its_value(tmp_path):
 
 def test_report_draws_the_tables_numbers(tuned, tmp_path, capsys):
     runs = tmp_path / "runs"
-    for seed in (0, 1):
-        run = runs / "ideal" / "L20" / f"seed{seed}"
-        shutil.copytree(tuned, run, ignore=shutil.ignore_patterns("eval-*"))
-        assert run_main(capsys, "eval", "--run", run, "--quiet")[0] == 0
+    seed0 = runs / "ideal" / "L20" / "seed0"
+    shutil.copytree(tuned, seed0, ignore=shutil.ignore_patterns("eval-*"))
+    assert run_main(capsys, "eval", "--run", seed0, "--quiet")[0] == 0
+    shutil.copytree(seed0, runs / "ideal" / "L20" / "seed1")
     assert run_main(capsys, "report", "--runs", runs, "--out", tmp_path / "t")[0] == 0
     table = json.loads((tmp_path / "t.json").read_text())["results"][0]
     (point,) = svg_points(tmp_path / "t.svg")["ideal"]
@@ -2773,9 +2773,8 @@ def test_report_draws_the_tables_numbers(tuned, tmp_path, capsys):
     assert "t.svg" in (tmp_path / "t.md").read_text()
 
 
-def test_eval_with_both_frames_scores_ed_and_es_apart_and_draws_bland_altman(tuned, capsys):
-    assert run_main(capsys, "eval", "--run", tuned, "--frames", "both", "--quiet")[0] == 0
-    ev = tuned / "eval-test-both"
+def test_eval_with_both_frames_scores_ed_and_es_apart_and_draws_bland_altman(tuned_both):
+    ev = tuned_both
     summary = json.loads((ev / "summary.json").read_text())
     rows = csv_rows(ev / "metrics.csv")
     for frame in ("ED", "ES"):
@@ -2819,15 +2818,14 @@ def test_predict_on_a_beating_cine_writes_its_volume_curve_ed_es_and_ef(tuned, t
     assert (summary["ed"], summary["es"]) == (truth["ed"] + 1, truth["es"] + 1)
     assert summary["lv_ef"] == pytest.approx(100 * (lv[truth["ed"]] - lv[truth["es"]]) / lv[truth["ed"]])
     points = svg_points(tmp_path / "out" / "heart_volumes.svg")
-    assert [p[1] for p in points["LV"]] == pytest.approx(lv) and points["ES"][0][:2] == (truth["es"] + 1,
-                                                                                       pytest.approx(min(lv)))
+    assert [p[1] for p in points["LV"]] == pytest.approx(lv)
+    assert points["ES"][0][:2] == (truth["es"] + 1, pytest.approx(min(lv)))
 
 
-def test_clinical_report_tabulates_ed_es_and_the_indices(tuned, tmp_path, capsys):
+def test_clinical_report_tabulates_ed_es_and_the_indices(tuned, tuned_both, tmp_path, capsys):
     runs = tmp_path / "runs"
     run = runs / "ideal" / "L20" / "seed0"
-    shutil.copytree(tuned, run, ignore=shutil.ignore_patterns("eval-*"))
-    assert run_main(capsys, "eval", "--run", run, "--frames", "both", "--quiet")[0] == 0
+    shutil.copytree(tuned, run, ignore=shutil.ignore_patterns("eval-test", "eval-test-final"))
     assert run_main(capsys, "report", "--clinical", "--runs", runs, "--out", tmp_path / "c")[0] == 0
     summary = json.loads((run / "eval-test-both" / "summary.json").read_text())
     (row,) = json.loads((tmp_path / "c.json").read_text())["results"]
