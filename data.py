@@ -938,7 +938,7 @@ def write_phantom(out, n: int = 100, seed: int = 0) -> None:
     Patient i uses ``default_rng([seed, i])`` (the same patient for any n) and ACDC's group order
     (001-020 DCM, 021-040 HCM, 041-060 MINF, 061-080 NOR, 081-100 RV, then repeating). Atomic: written into a
     hidden sibling ``.NAME.tmpPID`` that is renamed onto ``out`` at the end (an empty ``out`` folder is replaced)
-    and removed if anything fails, so ``out`` is never half-written (a SIGKILL can leave the hidden folder).
+    and removed if anything fails, so ``out`` is never half-written; one a killed write left is removed next time.
     """
     out = Path(out)
     if n < 1 or seed < 0:
@@ -950,6 +950,10 @@ def write_phantom(out, n: int = 100, seed: int = 0) -> None:
     target = Path(os.path.abspath(out))
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")  # hidden sibling: same file system, so rename works
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp*"):                # left by a killed write
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         for i in range(1, n + 1):
             _write_patient(tmp / f"patient{i:03d}", np.random.default_rng([seed, i]), ACDC_GROUPS[(i - 1) // 20 % 5])

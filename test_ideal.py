@@ -2316,6 +2316,7 @@ def test_synth_failing_midway_leaves_nothing_and_reruns(tmp_path, monkeypatch, e
     assert [p.name for p in tmp_path.iterdir()] == (["phantom"] if existing else [])
     assert not existing or not any(out.iterdir())
     monkeypatch.setattr(data, "_write_patient", real)
+    (tmp_path / ".phantom.tmp4000000").mkdir()                       # a killed write's, of a process long gone
     data.write_phantom(out, n=1)
     assert [p.name for p in tmp_path.iterdir()] == ["phantom"]
     _, volumes = data.load_volumes(out)
