@@ -987,11 +987,12 @@ def foreground_dice(y, m, num_classes, where=None):
     return float(np.mean(dice))
 
 
-def judge(model, x_v, m_v, x_train, cfg):
-    """(validation Dice, state_dict, log fields) under BatchNorm statistics recomputed on slices of x_train."""
+def judge(model, x_v, m_v, x_l, cfg):
+    """(validation Dice, state_dict, log fields) under BatchNorm statistics recomputed on the labeled slices x_l, the
+    statistics that the labeled term trains under (its batch has a forward pass of its own)."""
     running = validate(model, x_v, m_v, cfg)
     b = cfg["batch_size"]
-    with recomputed_bn(model, x_train, b, cfg["seed"], limit=cfg["steps_per_epoch"] * b):
+    with recomputed_bn(model, x_l, b, cfg["seed"], limit=cfg["steps_per_epoch"] * b):
         val_dice = validate(model, x_v, m_v, cfg)
         buffers = dict(model.named_buffers())                       # the only entries put back on exit
         state = {k: v.clone() if k in buffers else v for k, v in model.state_dict().items()}
@@ -999,7 +1000,7 @@ def judge(model, x_v, m_v, x_train, cfg):
 
 
 def finetune_data(cfg, device):
-    """(split, classes, slices: labeled, unlabeled, validation, and those judge recomputes BatchNorm on)."""
+    """(split, classes, slices: labeled with masks, unlabeled, validation with masks)."""
     layout, volumes, split = load_split_volumes(cfg)
     n = data.num_classes(layout, volumes)
     classes = {"num_classes": n, "class_names": list(data.CLASS_NAMES.get(layout, [str(c) for c in range(n)]))}
@@ -1012,12 +1013,7 @@ def finetune_data(cfg, device):
     x_v, m_v = slices_of(volumes, split["val"], cfg)
     note(cfg, f"finetune: {hardware(cfg)}; {len(split['labeled'])} labeled volumes ({len(x_l)} slices), "
               f"{len(unlabeled)} unlabeled ({len(x_u)} slices), {len(split['val'])} val")
-    x_l, x_u = to_device(x_l, device), to_device(x_u, device)
-    if not cfg["unlabeled_weight"]:                                          # BatchNorm as the training batches
-        x_train = x_l
-    else:                                                                     # at L = 100 % x_u is every slice
-        x_train = torch.cat([x_l, x_u]) if split["unlabeled"] else x_u
-    return split, classes, (x_l, m_l.to(device), x_u, x_v, m_v, x_train)
+    return split, classes, (to_device(x_l, device), m_l.to(device), to_device(x_u, device), x_v, m_v)
 
 
 def finetune(cfg, given=()):
@@ -1025,7 +1021,7 @@ def finetune(cfg, given=()):
     cfg, ckpt = open_run(cfg, "finetune", given)
     device = torch.device(cfg["device"])
     encoder_state = None if ckpt or cfg["pretrained"] == "none" else read_pretrained(cfg)
-    split, classes, (x_l, m_l, x_u, x_v, m_v, x_train) = finetune_data(cfg, device)
+    split, classes, (x_l, m_l, x_u, x_v, m_v) = finetune_data(cfg, device)
     cfg.update(classes)
     torch.manual_seed(cfg["seed"])
     net = IDEALSegmenter(cfg["num_classes"], cfg["depth"], cfg["width"], cfg["same_decoders"])
@@ -1050,7 +1046,7 @@ def finetune(cfg, given=()):
             meter.add(finetune_step(step_fn, opt, xl, ml, xu, xw, weight, cfg["forward"], cfg["threshold"],
                                     cfg["sup_loss"] == "dice-ce"), b + bu)
         images_per_s = (meter.images - seen) / (time.time() - t0)             # the training steps alone
-        val_dice, state, fields = judge(model, x_v, m_v, x_train, cfg)      # every process: --sync-bn
+        val_dice, state, fields = judge(model, x_v, m_v, x_l, cfg)          # every process: --sync-bn
         fields.update(pseudo_label_quality(model, x_v, m_v, cfg, generators(cfg["seed"], epoch, device, 2)[1]))
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),

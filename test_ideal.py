@@ -1337,7 +1337,7 @@ def test_pseudo_label_quality_scores_the_validation_slices_and_leaves_training_a
 def test_finetune_logs_pseudo_label_quality_and_keeps_best_and_final_judged_networks(phantom, pretrained, tmp_path,
                                                                                      capsys):
     """log.jsonl holds the pseudo-label diagnostics every epoch; best.pt and final.pt are the trained network with
-    BatchNorm statistics recomputed on the training slices (the Dice under the running ones logged beside it), and
+    BatchNorm statistics recomputed on the labeled slices (the Dice under the running ones logged beside it), and
     eval --checkpoint best final scores both, each into its own folder."""
     out = tmp_path / "run"
     assert ideal.main(["finetune", "--data", str(phantom), "--pretrained", str(pretrained / "encoder.pt"),
@@ -1352,6 +1352,12 @@ def test_finetune_logs_pseudo_label_quality_and_keeps_best_and_final_judged_netw
     stats = [k for k in last if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(final["model"][k], last[k]) for k in last if k not in stats and "num_b" not in k)
     assert all(not torch.equal(final["model"][k], last[k]) for k in stats)
+    cfg = final["config"]
+    x_l = ideal.finetune_data(cfg, torch.device("cpu"))[2][0]
+    net = ideal.IDEALSegmenter(cfg["num_classes"], cfg["depth"], cfg["width"], cfg["same_decoders"])
+    net.load_state_dict(last)
+    with ideal.recomputed_bn(net, x_l, cfg["batch_size"], cfg["seed"], cfg["steps_per_epoch"] * cfg["batch_size"]):
+        assert all(torch.equal(net.state_dict()[k], final["model"][k]) for k in stats)
     assert_one_error_line(run_main(capsys, "eval", "--run", out, "--checkpoint", "best", "final", "--out",
                                    tmp_path / "one"), "--out", "--checkpoint")
     assert ideal.main(["eval", "--run", str(out), "--checkpoint", "best", "final", "--quiet"]) == 0
