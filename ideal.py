@@ -728,7 +728,7 @@ def start_run(cfg, split, ckpt):
     log = ckpt["log"] if ckpt else []
     if rank() == 0:
         if ckpt and ckpt["epoch"] < cfg["epochs"]:                   # extended: no longer done, final.pt stale
-            for name in ("done.json", "final.pt"):
+            for name in ("done.json", "final.pt", "final-labeled.pt"):
                 if os.path.exists(os.path.join(cfg["out"], name)):
                     os.remove(os.path.join(cfg["out"], name))
         if not ckpt:
@@ -1257,6 +1257,7 @@ def finetune(cfg, given=()):
     judged = ema.module if ema else model                                   # what validation scores, best.pt holds
     log, start = start_run(cfg, split, ckpt), ckpt["epoch"] if ckpt else 0
     best = max([r["val_dice"] for r in log], default=-1.0)
+    best_l = max([r.get("val_dice_labeled", -1.0) for r in log], default=-1.0)
     x_train = bn_slices(cfg, split, x_l, x_u)
     step_fn = parallel(model, cfg, device)
     b, bu, steps = cfg["batch_size"], cfg["unlabeled_batch"], cfg["steps_per_epoch"]
@@ -1283,13 +1284,21 @@ def finetune(cfg, given=()):
         val_dice, state, fields = judge(judged, x_v, m_v, x_train, cfg)     # every process: --sync-bn
         fields.update(pseudo_label_quality(model, x_v, m_v, cfg, threshold,
                                            generators(cfg["seed"], epoch, device, stream=2)[1]))
+        labeled_files = {}
+        if x_train is not None and x_train is not x_l:                  # issue 28's candidate: labeled-slice statistics
+            val_l, state_l, _ = judge(judged, x_v, m_v, x_l, cfg)
+            fields.update(val_dice_labeled=round(val_l, 4), best_val_dice_labeled=round(max(best_l, val_l), 4))
+            judged_l = {"model": state_l, "epoch": epoch + 1, "val_dice": val_l, "config": cfg}
+            labeled_files = dict({"best-labeled.pt": judged_l} if val_l > best_l else {},
+                                 **{"final-labeled.pt": judged_l} if epoch + 1 == cfg["epochs"] else {})
+            best_l = max(best_l, val_l)
         record = dict(meter.means(), epoch=epoch + 1, val_dice=round(val_dice, 4), **fields,
                       best_val_dice=round(max(best, val_dice), 4), unlabeled_weight=round(weight, 5),
                       images_per_s=round(images_per_s, 1), lr=opt.param_groups[0]["lr"],
                       **({"align": alignment.factors()} if alignment else {}))
         judged_ckpt = {"model": state, "epoch": epoch + 1, "val_dice": val_dice, "config": cfg}
         files = dict({"best.pt": judged_ckpt} if val_dice > best else {},
-                     **{"final.pt": judged_ckpt} if epoch + 1 == cfg["epochs"] else {})
+                     **{"final.pt": judged_ckpt} if epoch + 1 == cfg["epochs"] else {}, **labeled_files)
         best = max(best, val_dice)
         log = end_epoch(cfg, model, record, log, dict(files, **{"last.pt": {
             "kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
@@ -1415,7 +1424,7 @@ def eval_setup(cfg, run_cfg):
         if vol.label.max() >= run_cfg["num_classes"]:
             raise data.DataError(f"{vol.path}: the ground truth of this image holds class {vol.label.max()}, the "
                                  f"run predicts 0-{run_cfg['num_classes'] - 1}; pass --label-map")
-    return root, layout, chosen, os.path.join(cfg["run"], folder + ("-final" if cfg["checkpoint"] == "final" else ""))
+    return root, layout, chosen, os.path.join(cfg["run"], folder + ("" if cfg["checkpoint"] == "best" else f"-{cfg['checkpoint']}"))
 
 
 def evaluate_run(cfg):
@@ -2023,7 +2032,7 @@ def add_eval_options(p):
                    "results in RUN/eval-SPLIT (eval-SPLIT-FRAMES when --frames differs from the run's); all: every "
                    "labeled volume of --data, results in RUN/eval-<data folder name>-all")
     p.add_argument("--predict", choices=("mean", "d1", "d2"), help="decoders' prediction (default: the run's)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "final"), help="best.pt (best validation Dice) "
+    p.add_argument("--checkpoint", default="best", choices=("best", "final", "best-labeled", "final-labeled"), help="best.pt (best validation Dice) "
                    "or final.pt (the last epoch's), results in RUN/eval-.../ or RUN/eval-...-final/")
     p.add_argument("--save-pred", action="store_true", help="write eval-SPLIT/pred/ID.nii.gz")
     p.add_argument("--save-png", action="store_true", help="write eval-SPLIT/png/ID.png overlays")

@@ -143,6 +143,10 @@ cell() {  # FOLDER FLAGS...: one fine-tuning and its evaluation on the test spli
   train finetune "$dir" "$@"
   [ -f "$dir/eval-test/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --save-png
   [ -f "$dir/eval-test-final/summary.json" ] || say "$PY" ideal.py eval --run "$dir" --quiet --checkpoint final
+  for ckpt in best-labeled final-labeled; do  # issue 28's candidate judging, where the run has it
+    [ ! -f "$dir/$ckpt.pt" ] || [ -f "$dir/eval-test-$ckpt/summary.json" ] ||
+      say "$PY" ideal.py eval --run "$dir" --quiet --checkpoint "$ckpt"
+  done
 }
 
 for row in $ROWS; do
