@@ -2777,6 +2777,8 @@ def test_report_draws_the_tables_numbers(tuned, tmp_path, capsys):
     table = json.loads((tmp_path / "t.json").read_text())["results"][0]
     (point,) = svg_points(tmp_path / "t.svg")["ideal"]
     assert point[:2] == (20.0, pytest.approx(table["dsc"]["mean"], abs=1e-12))
+    x_axis = re.search(r'<line x1="([\d.]+)" y1="([\d.]+)" x2="([\d.]+)" y2="\2"', (tmp_path / "t.svg").read_text())
+    assert point[2] == pytest.approx((float(x_axis[1]) + float(x_axis[3])) / 2)   # one fraction: mid-axis
     assert "t.svg" in (tmp_path / "t.md").read_text()
 
 
