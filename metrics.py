@@ -672,11 +672,11 @@ def ticks(lo, hi, n=6):
     return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
 
 
-def svg_plot(series, xlabel, ylabel, title, hlines=(), xlog=False):
+def svg_plot(series, xlabel, ylabel, title, hlines=(), xlog=False, dodge=0):
     """A plot as SVG text (no plotting package): axes with ticks in the data's units, per series a polyline (unless
     "line" is False) and markers with their values as data-x / data-y (and error bars where "err" is given), dashed
     horizontal lines hlines [(y, label)], and a legend. series: [{"name", "x", "y", "err", "line"}], the last two
-    optional."""
+    optional; dodge: pixels between series drawn side by side, so that error bars at one x do not hide each other."""
     w, h, left, right, top, bottom = 720, 420, 70, 190, 40, 55
     fx = (lambda v: math.log10(v)) if xlog else (lambda v: v)
     xs = [fx(x) for s in series for x in s["x"]]
@@ -705,7 +705,9 @@ def svg_plot(series, xlabel, ylabel, title, hlines=(), xlog=False):
                    f'y2="{py(y):.1f}" stroke="grey" stroke-dasharray="5 4"/><text x="{w - right + 4}" '
                    f'y="{py(y) + 4:.1f}" fill="grey">{escape(label)}</text>')
     for i, s in enumerate(series):
-        out += svg_series(s, px, py, SVG_COLOURS[i % len(SVG_COLOURS)], (w - right + 10, top + 18 * i))
+        shift = (i - (len(series) - 1) / 2) * dodge
+        out += svg_series(s, lambda v, d=shift: px(v) + d, py, SVG_COLOURS[i % len(SVG_COLOURS)],
+                          (w - right + 10, top + 18 * i))
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
@@ -854,7 +856,7 @@ def results_svg(results, split, title):
     series = [dict(name=row, x=[r["labeled_percent"] for r in results if r["row"] == row],
                    y=[r["dsc"]["mean"] for r in results if r["row"] == row],
                    err=[r["dsc"]["std"] for r in results if r["row"] == row]) for row in rows]
-    return svg_plot(series, "labeled training volumes, %", f"{split} DSC", title, xlog=True)
+    return svg_plot(series, "labeled training volumes, %", f"{split} DSC", title, xlog=True, dodge=8)
 
 
 def clinical_results_table(table, name):

@@ -2765,6 +2765,11 @@ def test_svg_plot_places_each_point_by_its_value(tmp_path):
             assert (cx0 < cx1) == (x0 < x1)
     text = (tmp_path / "f.svg").read_text()
     assert "title &amp; &lt;more&gt;" in text and text.count("<polyline") == 1
+    (tmp_path / "d.svg").write_text(metrics.svg_plot(
+        [dict(name="a", x=[1.25], y=[0.7], err=[0.02]), dict(name="b", x=[1.25], y=[0.7], err=[0.03])],
+        "L, %", "DSC", "dodged", xlog=True, dodge=8))
+    (a,), (b,) = svg_points(tmp_path / "d.svg").values()
+    assert b[2] - a[2] == pytest.approx(8) and a[:2] == b[:2]     # side by side, the same values
 
 
 def test_report_draws_the_tables_numbers(tuned, tmp_path, capsys):
