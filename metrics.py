@@ -682,7 +682,9 @@ def svg_plot(series, xlabel, ylabel, title, hlines=(), xlog=False, dodge=0):
     xs = [fx(x) for s in series for x in s["x"]]
     ys = [y + sign * e for s in series for y, e in zip(s["y"], s.get("err") or [0] * len(s["y"])) for sign in (-1, 1)]
     ys += [y for y, _ in hlines]
-    x0, x1 = min(xs) - (max(xs) == min(xs)), max(xs) + (max(xs) == min(xs))  # one x value: in the middle
+    x0, x1 = min(xs), max(xs)
+    if x0 == x1:  # one x value: in the middle
+        x0, x1 = x0 - 1, x1 + 1
     pad = (max(ys) - min(ys)) * 0.08 or 1.0
     y0, y1 = min(ys) - pad, max(ys) + pad
     px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (w - left - right)                          # noqa: E731
