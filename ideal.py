@@ -1236,8 +1236,11 @@ def predict_run(cfg):
         shape, indices = predict_file(model, run_cfg, path, files, mode, batch_size, seconds)
         total = {k: total.get(k, 0.0) + v for k, v in seconds.items()}
         stages = ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
-        ef = f"; LV EF {indices['lv_ef']:.1f} % (ED frame {indices['ed'] + 1}, ES frame {indices['es'] + 1}), RV " \
-             f"EF {indices['rv_ef']:.1f} %" if indices else ""
+        ef = ""
+        if indices:
+            ef = "".join([f"; LV EF {indices['lv_ef']:.1f} % (ED frame {indices['ed'] + 1}, ES frame "
+                          f"{indices['es'] + 1}), RV EF {indices['rv_ef']:.1f} %",
+                          *(f"; warning: {w}" for w in metrics.cine_warnings(indices))])
         note(cfg, f"predict {i}/{len(todo)} {name} {'x'.join(map(str, shape))}: {sum(seconds.values()):.2f} s "
                   f"({stages} s){ef}")
     spent = max(sum(total.values()), 1e-9)

@@ -614,6 +614,15 @@ def cine_indices(frames):
     return {"ed": ed, "es": es, **clinical_indices(frames[ed], frames[es])}
 
 
+def cine_warnings(indices):
+    """What no heart does, in a cine's indices (cine_indices): an RV larger at ES than at ED (a negative RV EF; the
+    LV's cannot be, ED and ES being its extremes), which swapped chambers give; [] if none."""
+    if indices["rv_ef"] >= 0:
+        return []
+    return [f"RV EF {indices['rv_ef']:.1f} % < 0: the RV is larger at ES (frame {indices['es'] + 1}) than at ED "
+            f"(frame {indices['ed'] + 1}), a segmentation error such as swapped chambers (look at the labels)"]
+
+
 def clinical_rows(measured):
     """One row {case, INDEX_pred, INDEX_gt for INDEX in CLINICAL} per case with an ED and an ES frame.
 
@@ -641,7 +650,7 @@ def volume_summary(frames, names):
     summary = dict(frames=len(frames), frame_numbers="from 1, as ACDC's Info.cfg",
                    volumes_ml={names[c]: [m[c] for m in frames] for c in frames[0]})
     if indices:
-        summary.update(indices, ed=indices["ed"] + 1, es=indices["es"] + 1)
+        summary.update(indices, ed=indices["ed"] + 1, es=indices["es"] + 1, warnings=cine_warnings(indices))
     return rows, summary, indices
 
 

@@ -2812,6 +2812,10 @@ def test_cine_indices_pick_ed_and_es_by_the_lv_volume():
     got = metrics.cine_indices(frames)
     assert (got["ed"], got["es"], got["lv_edv"], got["lv_esv"], got["lv_sv"]) == (1, 3, 140.0, 60.0, 80.0)
     assert got["lv_ef"] == pytest.approx(100 * 80 / 140) and got["rv_ef"] == 0.0 and got["myo_mass"] == 42.0
+    assert metrics.cine_warnings(got) == []
+    grown = metrics.cine_indices([{**f, 1: 70.0 if t == 3 else 50.0} for t, f in enumerate(frames)])
+    (warning,) = metrics.cine_warnings(grown)
+    assert grown["rv_ef"] == pytest.approx(-40.0) and "RV EF -40.0 % < 0" in warning and "(frame 4)" in warning
 
 
 def test_predict_on_a_beating_cine_writes_its_volume_curve_ed_es_and_ef(tuned, tmp_path, monkeypatch):
@@ -2829,11 +2833,26 @@ def test_predict_on_a_beating_cine_writes_its_volume_curve_ed_es_and_ef(tuned, t
     assert [float(r["RV_ml"]) for r in rows] == pytest.approx(truth["rv_ml"])
     summary = json.loads((tmp_path / "out" / "heart_summary.json").read_text())
     lv = truth["lv_ml"]
-    assert (summary["ed"], summary["es"]) == (truth["ed"] + 1, truth["es"] + 1)
+    assert (summary["ed"], summary["es"]) == (truth["ed"] + 1, truth["es"] + 1) and summary["warnings"] == []
     assert summary["lv_ef"] == pytest.approx(100 * (lv[truth["ed"]] - lv[truth["es"]]) / lv[truth["ed"]])
     points = svg_points(tmp_path / "out" / "heart_volumes.svg")
     assert [p[1] for p in points["LV"]] == pytest.approx(lv)
     assert points["ES"][0][:2] == (truth["es"] + 1, pytest.approx(min(lv)))
+
+
+def test_predict_warns_of_an_rv_larger_at_es_than_at_ed(tuned, tmp_path, monkeypatch, capsys):
+    """Labels a heart cannot have (RV painted over the background at ES): the progress line and summary say so."""
+    truth = data.write_cine(tmp_path / "in" / "heart.nii.gz", frames=6, seed=3)
+    (tmp_path / "in" / "heart_gt.nii.gz").rename(tmp_path / "heart_gt.nii.gz")
+    labels = np.asarray(nib.load(tmp_path / "heart_gt.nii.gz").dataobj).copy()
+    es = labels[..., truth["es"]]
+    es[es == 0] = 1
+    monkeypatch.setattr(ideal, "segment", lambda model, vols, *a, **k: (
+        [labels[..., t] for t in range(len(vols))], None))
+    code, _, err = run_main(capsys, "predict", "--run", tuned, "--input", tmp_path / "in", "--out", tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "heart_summary.json").read_text())
+    assert code == 0 and summary["rv_ef"] < 0 and len(summary["warnings"]) == 1
+    assert f"warning: RV EF {summary['rv_ef']:.1f} % < 0" in err
 
 
 def test_clinical_report_tabulates_ed_es_and_the_indices(tuned, tuned_both, tmp_path, capsys):
