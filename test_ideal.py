@@ -2818,13 +2818,21 @@ def test_cine_indices_pick_ed_and_es_by_the_lv_volume():
     assert grown["rv_ef"] == pytest.approx(-40.0) and "RV EF -40.0 % < 0" in warning and "(frame 4)" in warning
 
 
-def test_predict_on_a_beating_cine_writes_its_volume_curve_ed_es_and_ef(tuned, tmp_path, monkeypatch):
-    """With the segmentation replaced by the phantom's own labels, predict's volumes, ED, ES and EF are the truth."""
+def beating_cine_segmented_as(tmp_path, monkeypatch, edit=lambda labels, truth: None):
+    """A beating phantom cine in tmp_path/in whose segmentation is its own labels, after edit(labels, truth) changes
+    them in place; the phantom's truth."""
     truth = data.write_cine(tmp_path / "in" / "heart.nii.gz", frames=6, seed=3)
     (tmp_path / "in" / "heart_gt.nii.gz").rename(tmp_path / "heart_gt.nii.gz")
-    labels = np.asarray(nib.load(tmp_path / "heart_gt.nii.gz").dataobj)
+    labels = np.asarray(nib.load(tmp_path / "heart_gt.nii.gz").dataobj).copy()
+    edit(labels, truth)
     monkeypatch.setattr(ideal, "segment", lambda model, vols, *a, **k: (
         [labels[..., t] for t in range(len(vols))], None))
+    return truth
+
+
+def test_predict_on_a_beating_cine_writes_its_volume_curve_ed_es_and_ef(tuned, tmp_path, monkeypatch):
+    """With the segmentation replaced by the phantom's own labels, predict's volumes, ED, ES and EF are the truth."""
+    truth = beating_cine_segmented_as(tmp_path, monkeypatch)
     assert ideal.main(["predict", "--run", str(tuned), "--input", str(tmp_path / "in"), "--out",
                        str(tmp_path / "out"), "--quiet"]) == 0
     rows = csv_rows(tmp_path / "out" / "heart_volumes.csv")
@@ -2842,13 +2850,11 @@ def test_predict_on_a_beating_cine_writes_its_volume_curve_ed_es_and_ef(tuned, t
 
 def test_predict_warns_of_an_rv_larger_at_es_than_at_ed(tuned, tmp_path, monkeypatch, capsys):
     """Labels a heart cannot have (RV painted over the background at ES): the progress line and summary say so."""
-    truth = data.write_cine(tmp_path / "in" / "heart.nii.gz", frames=6, seed=3)
-    (tmp_path / "in" / "heart_gt.nii.gz").rename(tmp_path / "heart_gt.nii.gz")
-    labels = np.asarray(nib.load(tmp_path / "heart_gt.nii.gz").dataobj).copy()
-    es = labels[..., truth["es"]]
-    es[es == 0] = 1
-    monkeypatch.setattr(ideal, "segment", lambda model, vols, *a, **k: (
-        [labels[..., t] for t in range(len(vols))], None))
+    def paint_rv_at_es(labels, truth):
+        es = labels[..., truth["es"]]
+        es[es == 0] = 1
+
+    beating_cine_segmented_as(tmp_path, monkeypatch, paint_rv_at_es)
     code, _, err = run_main(capsys, "predict", "--run", tuned, "--input", tmp_path / "in", "--out", tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "heart_summary.json").read_text())
     assert code == 0 and summary["rv_ef"] < 0 and len(summary["warnings"]) == 1
