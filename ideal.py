@@ -1238,9 +1238,9 @@ def predict_run(cfg):
         stages = ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
         ef = ""
         if indices:
-            ef = "".join([f"; LV EF {indices['lv_ef']:.1f} % (ED frame {indices['ed'] + 1}, ES frame "
-                          f"{indices['es'] + 1}), RV EF {indices['rv_ef']:.1f} %",
-                          *(f"; warning: {w}" for w in metrics.cine_warnings(indices))])
+            alerts = "".join(f"; warning: {w}" for w in metrics.cine_warnings(indices))
+            ef = f"; LV EF {indices['lv_ef']:.1f} % (ED frame {indices['ed'] + 1}, ES frame {indices['es'] + 1}), " \
+                 f"RV EF {indices['rv_ef']:.1f} %{alerts}"
         note(cfg, f"predict {i}/{len(todo)} {name} {'x'.join(map(str, shape))}: {sum(seconds.values()):.2f} s "
                   f"({stages} s){ef}")
     spent = max(sum(total.values()), 1e-9)
